@@ -1,0 +1,217 @@
+"""Find images -> pandas index -> split -> decode/resize/normalise -> tensors.
+
+One image's path from disk to the network:
+    read_image (OpenCV, 8-bit RGB) -> cv2.resize to img_size x img_size (INTER_AREA)
+    -> uint8 array, kept in memory for the run -> to_model_input (scale to [0, 1],
+    ImageNet mean/std, CHW float32) on the device that runs the model.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger("MLPipeline")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pre-split layouts, first match wins; folder names are matched case-insensitively.
+PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 megapixels)
+MIN_SIDE = 8  # smaller images carry nothing to classify
+
+
+class UserError(Exception):
+    """A mistake the user can fix: the CLI prints the message and exits with status 2."""
+
+
+class BadImageError(Exception):
+    """This one file cannot be used as an image; the run skips it."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, sorted; hidden files and folders are ignored."""
+    folder = Path(folder)
+    return sorted(
+        path for path in folder.rglob("*")
+        if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def index_folder(folder: Path) -> pd.DataFrame:
+    """One row (path, label) per image under folder/<class>/; empty class folders are reported and left out."""
+    folder = Path(folder)
+    rows = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = list_images(class_dir)
+        if not images:
+            log.warning("warning: class folder %s holds no images; left out", class_dir)
+        rows += [(str(path), class_dir.name) for path in images]
+    loose = [p for p in folder.iterdir() if is_image_file(p)]
+    if loose:
+        log.warning("warning: %d image(s) directly in %s are not in a class folder; ignored", len(loose), folder)
+    return pd.DataFrame(rows, columns=["path", "label"])
+
+
+def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
+    """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
+    subfolders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir()}
+    for train_name, test_name in PRESPLIT_PAIRS:
+        if train_name in subfolders and test_name in subfolders:
+            return subfolders[train_name], subfolders[test_name]
+    return None
+
+
+def check_data_dir(data_dir: Path) -> None:
+    if not Path(data_dir).exists():
+        raise UserError(f"data folder {data_dir} does not exist")
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data folder {data_dir} is not a folder")
+
+
+def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42) -> pd.DataFrame:
+    """Index every image under data_dir as (path, label, split), split being 'train' or 'test'."""
+    check_data_dir(data_dir)
+    presplit = find_presplit(data_dir)
+    if presplit:
+        train_index, test_index = (index_folder(folder) for folder in presplit)
+        index = pd.concat([train_index.assign(split="train"), test_index.assign(split="test")], ignore_index=True)
+        unknown = sorted(set(test_index.label) - set(train_index.label))
+        if unknown:
+            raise UserError(f"{presplit[1]} has classes that {presplit[0]} lacks: {', '.join(unknown)}")
+        check_classes(index, data_dir)
+        return index
+    index = index_folder(data_dir)
+    check_classes(index, data_dir)
+    return stratified_split(index, test_size, seed)
+
+
+def check_classes(index: pd.DataFrame, data_dir: Path) -> None:
+    if index.empty:
+        raise UserError(f"no images found in {data_dir}: put them in one sub-folder per class "
+                        f"(e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg)")
+    if index.label.nunique() < 2:
+        raise UserError(f"{data_dir} has images of {index.label.nunique()} class; at least 2 class folders are needed")
+
+
+def stratified_split(index: pd.DataFrame, test_size: float, seed: int) -> pd.DataFrame:
+    """Send round(test_size * n) images of each class (at least one) to 'test', chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    index = index.assign(split="train")
+    for label, rows in index.groupby("label"):
+        if len(rows) < 2:
+            raise UserError(f"class '{label}' has {len(rows)} image; each class needs at least 2 "
+                            f"to be split into train and test: add images or remove the folder")
+        test_count = min(len(rows) - 1, max(1, round(test_size * len(rows))))
+        index.loc[rng.permutation(rows.index)[:test_count], "split"] = "test"
+    return index
+
+
+def read_image(path: str | Path, min_size: int = 0) -> np.ndarray:
+    """Decode a file to an 8-bit RGB array (grayscale, alpha, 16-bit, palette and CMYK included).
+
+    EXIF orientation is applied. Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result still has at
+    least `min_size` pixels a side, which is several times faster and loses nothing after the resize.
+    Raises BadImageError, naming the reason, for files that are not usable images.
+    """
+    data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, works with non-ASCII names everywhere
+    if data.size == 0:
+        raise BadImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own cap below
+            with Image.open(io.BytesIO(data.tobytes())) as header:  # reads the header only
+                width, height, image_format = *header.size, header.format
+    except Image.DecompressionBombError:
+        raise BadImageError(f"over {MAX_PIXELS} pixels, too large to decode safely") from None
+    except Exception:
+        raise BadImageError("not an image, or corrupt") from None
+    if width * height > MAX_PIXELS:
+        raise BadImageError(f"{width}x{height} is over {MAX_PIXELS} pixels, too large to decode safely")
+    if min(width, height) < MIN_SIDE:
+        raise BadImageError(f"{width}x{height} is too small to classify")
+    if image_format == "JPEG" and b"\xff\xd9" not in data[-64:].tobytes():
+        raise BadImageError("truncated JPEG (no end-of-image marker)")  # OpenCV would fill the rest with grey
+    image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if image_format == "JPEG" else cv2.IMREAD_COLOR)
+    if image is None:
+        return decode_with_pillow(data)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def reduced_read_flag(width: int, height: int, min_size: int) -> int:
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if min(width, height) // factor >= min_size:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def decode_with_pillow(data: np.ndarray) -> np.ndarray:
+    """Formats OpenCV lacks (GIF, some TIFFs): Pillow decodes them, first frame only."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except Exception as error:
+        raise BadImageError(f"cannot be decoded ({error})") from None
+
+
+def resize(image: np.ndarray, img_size: int) -> np.ndarray:
+    """Squash to img_size x img_size as the original did (aspect ratio not kept); INTER_AREA avoids aliasing."""
+    return cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
+
+
+def load_image(path: str | Path, img_size: int) -> np.ndarray:
+    """A file as an img_size x img_size x 3 uint8 RGB array."""
+    return resize(read_image(path, img_size), img_size)
+
+
+def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode and resize many files at once; returns (N x S x S x 3 uint8 of the good ones, {bad path: reason}).
+
+    OpenCV releases the GIL while it decodes, so a thread per core gives a real speed-up with no
+    process start-up cost; each bad file is logged by name and the rest go on.
+    """
+    def load_or_reason(path: str) -> np.ndarray | str:
+        try:
+            return load_image(path, img_size)
+        except BadImageError as error:
+            return str(error)
+        except OSError as error:
+            return f"cannot be read ({error.strerror or error})"
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(load_or_reason, paths))
+    skipped = {path: result for path, result in zip(paths, results) if isinstance(result, str)}
+    for path, reason in skipped.items():
+        log.warning("warning: skipped %s: %s", path, reason)
+    images = [result for result in results if not isinstance(result, str)]
+    return (np.stack(images) if images else np.zeros((0, img_size, img_size, 3), np.uint8)), skipped
+
+
+def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W scaled to [0, 1] and normalised with mean/std.
+
+    Runs on whatever device `images` is on, so the uint8 batch (4x smaller) is what crosses to a GPU.
+    """
+    mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float().div(255) - mean_tensor) / std_tensor
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices -> one-hot float targets, as the original encoded its labels."""
+    return torch.nn.functional.one_hot(labels, num_classes).float()

@@ -1,0 +1,97 @@
+"""Metrics files and plots (pandas + matplotlib); every file is written atomically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
+
+from MLPipeline.ResNet_Model import save_atomically
+
+
+def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, confusion matrix (rows = true, columns = predicted) and per-class precision/recall/F1."""
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(confusion, (np.asarray(true_labels), np.asarray(predicted)), 1)
+    hits = np.diag(confusion)
+    predicted_counts, true_counts = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(hits, predicted_counts, out=np.zeros(len(classes)), where=predicted_counts > 0)
+    recall = np.divide(hits, true_counts, out=np.zeros(len(classes)), where=true_counts > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(classes)),
+                   where=precision + recall > 0)
+    per_class = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                 for name, p, r, f, n in zip(classes, precision, recall, f1, true_counts)]
+    return {"accuracy": float(hits.sum() / max(confusion.sum(), 1)), "classes": list(classes),
+            "confusion_matrix": confusion.tolist(), "per_class": per_class}
+
+
+def write_json(path: Path, data: dict) -> None:
+    save_atomically(path, lambda temp_name: Path(temp_name).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> None:
+    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False))
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    save_atomically(path, lambda temp_name: figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_loss_curve(history: pd.DataFrame, path: Path, pretrained: bool) -> None:
+    figure = Figure(figsize=(9, 3.6))
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    loss_axes.plot(history.epoch, history.train_loss, marker="o", label="train")
+    loss_axes.plot(history.epoch, history.test_loss, marker="o", label="test")
+    loss_axes.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_axes.legend()
+    accuracy_axes.plot(history.epoch, 100 * history.test_accuracy, marker="o", color="tab:green")
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    figure.suptitle(f"backbone {'pretrained (ImageNet)' if pretrained else 'NOT pretrained (random init)'}")
+    save_figure(figure, path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, classes: list[str], path: Path) -> None:
+    figure = Figure(figsize=(1.4 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    axes = figure.subplots()
+    axes.imshow(confusion, cmap="Blues")
+    axes.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+             title=f"Confusion matrix ({confusion.sum()} images)")
+    axes.set_xticklabels(classes, rotation=30, ha="right")
+    axes.set_yticklabels(classes)
+    for (row, column), count in np.ndenumerate(confusion):
+        axes.text(column, row, str(count), ha="center", va="center",
+                  color="white" if count > confusion.max() / 2 else "black")
+    save_figure(figure, path)
+
+
+def plot_misclassified(images: np.ndarray, titles: list[str], path: Path, columns: int = 6) -> None:
+    """A grid of the given images, each titled 'true -> predicted'."""
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(2.2 * columns, 2.5 * rows))
+    for position, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if position < len(images):
+            axes.imshow(images[position])
+            axes.set_title(titles[position], fontsize=8)
+    if not len(images):
+        figure.suptitle("no misclassified images")
+    save_figure(figure, path)
+
+
+def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, images: np.ndarray,
+                     max_examples: int = 36) -> None:
+    """metrics.json, per_class.csv, confusion_matrix.csv/.png, predictions.csv and misclassified.png."""
+    write_json(output_dir / "metrics.json", report)
+    write_csv(output_dir / "per_class.csv", pd.DataFrame(report["per_class"]))
+    confusion = np.array(report["confusion_matrix"])
+    write_csv(output_dir / "confusion_matrix.csv",
+              pd.DataFrame(confusion, index=report["classes"], columns=report["classes"])
+              .rename_axis("true \\ predicted").reset_index())
+    plot_confusion_matrix(confusion, report["classes"], output_dir / "confusion_matrix.png")
+    write_csv(output_dir / "predictions.csv", predictions)
+    wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:max_examples]
+    plot_misclassified(images[wrong], [f"{predictions.label[i]} -> {predictions.predicted[i]}\n"
+                                       f"{Path(predictions.path[i]).name[:24]}" for i in wrong],
+                       output_dir / "misclassified.png")

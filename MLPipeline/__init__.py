@@ -1,0 +1,14 @@
+"""Transfer-learning document classifier: the public API.
+
+    from MLPipeline import TrainConfig, train, load_model, predict
+    run = train(TrainConfig(data_dir="Data", epochs=10))
+    model = load_model("output/model.pt")
+    results = predict(model, ["a.jpg", "b.png"])
+"""
+from MLPipeline.CreateDataset import UserError, build_index, load_image, load_images
+from MLPipeline.ResNet_Model import build_model, load_checkpoint, save_checkpoint
+from MLPipeline.Train import TrainConfig, TrainedModel, TrainingRun, evaluate, load_model, predict, train
+
+__all__ = ["UserError", "build_index", "load_image", "load_images", "build_model", "load_checkpoint",
+           "save_checkpoint", "TrainConfig", "TrainedModel", "TrainingRun", "evaluate", "load_model", "predict",
+           "train"]

@@ -1,0 +1,158 @@
+"""Command line: train (the default), predict, evaluate, make-demo-data.
+
+    python engine.py                      # train with the original's settings on Data/
+    python engine.py predict photo.jpg    # classify images with output/model.pt
+    python engine.py --help               # every command and option
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from MLPipeline import Report
+from MLPipeline.CreateDataset import UserError, list_images
+from MLPipeline.SyntheticData import make_demo_data
+from MLPipeline.Train import TrainConfig, evaluate, load_model, predict, train
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = HERE / "Data"
+DEFAULT_OUTPUT_DIR = HERE / "output"
+DEFAULT_MODEL = DEFAULT_OUTPUT_DIR / "model.pt"
+COMMANDS = ("train", "predict", "evaluate", "make-demo-data")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or DEFAULT_DATA_DIR
+    config = TrainConfig(data_dir=data_dir, output_dir=args.output_dir, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, img_size=args.img_size, test_size=args.test_size,
+                         seed=args.seed, weights=args.weights, device=args.device,
+                         cache_features=not args.no_feature_cache)
+    config.check()
+    if args.data_dir is None and not (data_dir.is_dir() and list_images(data_dir)):
+        logging.info("%s holds no images: generating the demo dataset there first "
+                     "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
+        make_demo_data(data_dir)
+    train(config)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device)
+    results = predict(model, args.paths)
+    if results.empty:
+        raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
+    probability_columns = [f"p_{name}" for name in model.classes]
+    for row in results.itertuples(index=False):
+        if row.error:
+            print(f"{row.input}\tERROR: {row.error}", file=sys.stderr)
+            continue
+        ranked = sorted(zip(model.classes, (getattr(row, column) for column in probability_columns)),
+                        key=lambda pair: -pair[1])[:args.top_k]
+        print(f"{row.input}\t" + "\t".join(f"{name} {probability:.3f}" for name, probability in ranked))
+    if args.csv:
+        Report.write_csv(Path(args.csv), results)
+    failed = (results.error != "").sum()
+    if failed:
+        print(f"error: {failed} of {len(results)} input(s) could not be classified (named above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device)
+    report = evaluate(model, args.data_dir, args.output_dir)
+    print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
+          f"(model backbone {'pretrained' if model.info['pretrained'] else 'NOT pretrained'})")
+    print(pd.DataFrame(report["per_class"]).to_string(index=False, float_format="%.3f"))
+    print(f"outputs in {args.output_dir}")
+    return 0
+
+
+def run_make_demo_data(args: argparse.Namespace) -> int:
+    counts = make_demo_data(args.out, args.per_class, args.seed, force=args.force)
+    print(f"wrote {sum(counts.values())} demo images to {args.out}: "
+          + ", ".join(f"{count} {name}" for name, count in counts.items()))
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="engine.py", description="Transfer-learning document classifier "
+                                     "(ResNet50). With no command: train on Data/ with the original's settings.")
+    commands = parser.add_subparsers(dest="command_name", metavar="{" + ",".join(COMMANDS) + "}")
+
+    trainer = commands.add_parser("train", help="train and save output/model.pt (the default command)")
+    trainer.set_defaults(command=run_train)
+    trainer.add_argument("--data-dir", type=Path, help="folder of class sub-folders, or a pre-split pair "
+                         "(train/+test/, train/+val/, Training_data/+Testing_Data/); default Data/, "
+                         "filled with the demo dataset when it holds no images")
+    trainer.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    trainer.add_argument("--epochs", type=int, default=10)
+    trainer.add_argument("--batch-size", type=int, default=8)
+    trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--img-size", type=int, default=200)
+    trainer.add_argument("--test-size", type=float, default=0.2, help="test fraction of each class")
+    trainer.add_argument("--seed", type=int, default=42)
+    trainer.add_argument("--weights", default="auto", help="auto (ImageNet if obtainable, else random init "
+                         "with a warning) | imagenet (error if not obtainable) | none | PATH to a state dict")
+    trainer.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    trainer.add_argument("--no-feature-cache", action="store_true", help="run the frozen backbone on every "
+                         "batch of every epoch, like the original (same results, much slower)")
+
+    predictor = commands.add_parser("predict", help="classify image files or folders with a trained model")
+    predictor.set_defaults(command=run_predict)
+    predictor.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    predictor.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
+    predictor.add_argument("--top-k", type=int, default=1, help="how many classes to print per image")
+    predictor.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
+    evaluator.set_defaults(command=run_evaluate)
+    evaluator.add_argument("data_dir", type=Path, help="folder with one sub-folder per class")
+    evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
+    evaluator.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    demo = commands.add_parser("make-demo-data", help="write the synthetic demo dataset of fake documents")
+    demo.set_defaults(command=run_make_demo_data)
+    demo.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR)
+    demo.add_argument("--per-class", type=int, default=250)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="write even if the folder already holds images")
+
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]  # `python engine.py [train options]` trains
+    args = parser.parse_args(argv)
+    if args.command_name == "predict" and args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    return args
+
+
+def setup_logging() -> None:
+    """Progress lines to stdout, warnings to stderr, both as bare messages."""
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        return args.command(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: stopped before writing; earlier outputs are as they were", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
