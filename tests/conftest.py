@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny image folders and running engine.py as a user would.
+
+Everything here is sized for a 2-core CPU: 32 px images, a few files per class, one or two epochs,
+and `--weights none` so that no test ever reaches for the network.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = ROOT / "engine.py"
+FAST = ["--img-size", "32", "--weights", "none", "--epochs", "1"]  # train flags for a run of seconds
+COLOURS = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40)]
+
+
+def make_image_folder(root: Path, classes: tuple[str, ...] = ("alpha", "beta", "gamma"), per_class: int = 8,
+                      seed: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
+    """root/<class>/<i>.png|jpg: noise with a class-coloured rectangle, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    for class_number, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
+            top, left = rng.integers(0, height // 3), rng.integers(0, width // 3)
+            image[top:top + height // 2, left:left + width // 2] = COLOURS[class_number % len(COLOURS)]
+            cv2.imwrite(str(root / name / f"{i:03d}.{'png' if i % 2 else 'jpg'}"), image)
+    return root
+
+
+def run_engine(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python engine.py ARGS` in a fresh process, output captured as text."""
+    return subprocess.run([sys.executable, str(ENGINE), *map(str, args)], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_torch_home(tmp_path_factory) -> Path:
+    """An empty torchvision cache for the whole run (inherited by engine.py subprocesses)."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    os.environ["TORCH_HOME"] = str(torch_home)
+    return torch_home
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never touch the network: any attempt to connect fails loudly in-process."""
+    def refuse(*args, **kwargs):
+        raise OSError("tests must not use the network")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Three classes of eight small images; read-only by convention (copy it before changing it)."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
