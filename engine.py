@@ -15,6 +15,7 @@ import pandas as pd
 
 from MLPipeline import Report
 from MLPipeline.CreateDataset import UserError, list_images
+from MLPipeline.ResNet_Model import BACKBONES, UNFREEZE_CHOICES
 from MLPipeline.SyntheticData import make_demo_data
 from MLPipeline.Train import TrainConfig, evaluate, load_model, predict, train
 
@@ -29,8 +30,10 @@ def run_train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     config = TrainConfig(data_dir=data_dir, output_dir=args.output_dir, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, img_size=args.img_size, test_size=args.test_size,
-                         seed=args.seed, weights=args.weights, device=args.device,
-                         cache_features=not args.no_feature_cache)
+                         seed=args.seed, weights=args.weights, device=args.device, arch=args.backbone,
+                         cache_features=not args.no_feature_cache, schedule=args.schedule, augment=args.augment,
+                         flips=args.flips, unfreeze=args.unfreeze, backbone_lr=args.backbone_lr,
+                         val_size=args.val_size)
     config.check()
     if args.data_dir is None and not (data_dir.is_dir() and list_images(data_dir)):
         logging.info("%s holds no images: generating the demo dataset there first "
@@ -101,6 +104,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     trainer.add_argument("--device", default="auto", help="auto | cpu | cuda")
     trainer.add_argument("--no-feature-cache", action="store_true", help="run the frozen backbone on every "
                          "batch of every epoch, like the original (same results, much slower)")
+    improvements = trainer.add_argument_group("the original's suggested improvements (all off by default)")
+    improvements.add_argument("--backbone", default="resnet50", choices=BACKBONES,
+                              help="torchvision model to fine-tune (default resnet50)")
+    improvements.add_argument("--schedule", default="none", choices=("none", "cosine"),
+                              help="cosine: anneal the learning rate to 0 over the epochs")
+    improvements.add_argument("--augment", action="store_true", help="random crops, small rotations, perspective, "
+                              "brightness/contrast/colour jitter on training images (disables the feature cache)")
+    improvements.add_argument("--flips", action="store_true", help="with --augment, also mirror images; off by "
+                              "default because mirrored text never occurs in real photos of documents")
+    improvements.add_argument("--unfreeze", default="none", choices=UNFREEZE_CHOICES, help="also train the "
+                              "backbone's last stage (layer4 on ResNets) or all of it; BatchNorm keeps its "
+                              "pretrained statistics")
+    improvements.add_argument("--backbone-lr", type=float, help="learning rate of unfrozen backbone layers "
+                              "(default: --lr / 10)")
+    improvements.add_argument("--val-size", type=float, default=0.0, help="carve this fraction of each class's "
+                              "training images out as a validation set and keep the epoch with the lowest "
+                              "validation loss (the test set is never used to choose)")
 
     predictor = commands.add_parser("predict", help="classify image files or folders with a trained model")
     predictor.set_defaults(command=run_predict)

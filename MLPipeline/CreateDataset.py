@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import v2
 
 log = logging.getLogger("MLPipeline")
 
@@ -108,24 +109,24 @@ def check_classes(index: pd.DataFrame, data_dir: Path) -> None:
         raise UserError(f"{data_dir} has images of {index.label.nunique()} class; at least 2 class folders are needed")
 
 
-def stratified_split(index: pd.DataFrame, test_size: float, seed: int) -> pd.DataFrame:
-    """Send round(test_size * n) images of each class (at least one) to 'test', chosen by a seeded shuffle."""
+def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: str = "test") -> pd.DataFrame:
+    """Move round(fraction * n) 'train' images of each class (at least one) to `to_split`, by a seeded shuffle."""
     rng = np.random.default_rng(seed)
-    index = index.assign(split="train")
-    for label, rows in index.groupby("label"):
+    index = index.assign(split=index.get("split", "train"))
+    for label, rows in index[index.split == "train"].groupby("label"):
         if len(rows) < 2:
-            raise UserError(f"class '{label}' has {len(rows)} image; each class needs at least 2 "
-                            f"to be split into train and test: add images or remove the folder")
-        test_count = min(len(rows) - 1, max(1, round(test_size * len(rows))))
-        index.loc[rng.permutation(rows.index)[:test_count], "split"] = "test"
+            raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
+                            f"to be split into train and {to_split}: add images or remove the folder")
+        moved = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        index.loc[rng.permutation(rows.index)[:moved], "split"] = to_split
     return index
 
 
-def read_image(path: str | Path, min_size: int = 0) -> np.ndarray:
+def read_image(path: str | Path, min_size: int | None = None) -> np.ndarray:
     """Decode a file to an 8-bit RGB array (grayscale, alpha, 16-bit, palette and CMYK included).
 
-    EXIF orientation is applied. Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result still has at
-    least `min_size` pixels a side, which is several times faster and loses nothing after the resize.
+    EXIF orientation is applied. Given `min_size`, big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result
+    still has at least that many pixels a side: several times faster, and nothing is lost after the resize.
     Raises BadImageError, naming the reason, for files that are not usable images.
     """
     data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, works with non-ASCII names everywhere
@@ -146,7 +147,8 @@ def read_image(path: str | Path, min_size: int = 0) -> np.ndarray:
         raise BadImageError(f"{width}x{height} is too small to classify")
     if image_format == "JPEG" and b"\xff\xd9" not in data[-64:].tobytes():
         raise BadImageError("truncated JPEG (no end-of-image marker)")  # OpenCV would fill the rest with grey
-    image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if image_format == "JPEG" else cv2.IMREAD_COLOR)
+    reduce = image_format == "JPEG" and min_size is not None
+    image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if reduce else cv2.IMREAD_COLOR)
     if image is None:
         return decode_with_pillow(data)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -210,6 +212,21 @@ def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[flo
     mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     return (images.permute(0, 3, 1, 2).float().div(255) - mean_tensor) / std_tensor
+
+
+def make_augmenter(img_size: int, flips: bool = False):
+    """Train-time augmentation for photographed documents, on uint8 N x H x W x 3 batches, a new draw per image.
+
+    Small rotations, perspective, light and colour changes and crops are what real photos of a card vary in.
+    Flips are off unless asked for: mirrored text never occurs in a real photo.
+    """
+    steps = [v2.RandomResizedCrop(img_size, scale=(0.75, 1.0), ratio=(0.85, 1.18)), v2.RandomRotation(8),
+             v2.RandomPerspective(0.15, p=0.5), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
+    transform = v2.Compose(steps + [v2.RandomHorizontalFlip()] * flips)
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([transform(image.permute(2, 0, 1)) for image in images]).permute(0, 2, 3, 1)
+    return augment
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

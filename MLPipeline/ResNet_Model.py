@@ -16,6 +16,9 @@ from MLPipeline.CreateDataset import IMAGENET_MEAN, IMAGENET_STD, UserError
 
 log = logging.getLogger("MLPipeline")
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
+             "convnext_tiny")
+UNFREEZE_CHOICES = ("none", "last", "all")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
 CHECKPOINT_KEYS = ("format", "state_dict", "classes", "arch", "img_size", "mean", "std", "head",
                    "weights_source", "pretrained", "created_utc", "torch_version")
@@ -25,12 +28,16 @@ class Classifier(nn.Module):
     """A torchvision backbone with its ImageNet classifier removed, and a linear head for our classes.
 
     Kept as two parts so that a frozen backbone's features can be computed once and the head trained on them.
+    unfreeze: 'none' trains the head only (the original recipe), 'last' also the backbone's final stage
+    (layer4 on ResNets), 'all' the whole network.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, frozen: bool = True):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, unfreeze: str = "none"):
         super().__init__()
-        self.backbone, self.head, self.frozen = backbone, head, frozen
-        self.backbone.requires_grad_(not frozen)
+        self.backbone, self.head, self.frozen = backbone, head, unfreeze == "none"
+        self.backbone.requires_grad_(unfreeze == "all")
+        if unfreeze == "last":
+            last_stage(backbone).requires_grad_(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -93,8 +100,15 @@ def safe_torch_load(path: Path, what: str) -> dict:
     return loaded
 
 
+def last_stage(backbone: nn.Module) -> nn.Module:
+    """The final stage of a backbone: layer4 of a ResNet, else the last block of `.features` with weights."""
+    if hasattr(backbone, "layer4"):
+        return backbone.layer4
+    return [block for block in backbone.features if any(True for _ in block.parameters())][-1]
+
+
 def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
-                frozen: bool = True) -> tuple[Classifier, dict]:
+                unfreeze: str = "none") -> tuple[Classifier, dict]:
     """The backbone with starting weights and a fresh linear head; returns (model, provenance)."""
     if arch not in torchvision.models.list_models(torchvision.models):
         raise UserError(f"unknown backbone '{arch}'")
@@ -106,7 +120,7 @@ def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
         except RuntimeError as error:
             raise UserError(f"weights from {source} do not fit {arch}: {str(error).splitlines()[0]}") from None
     in_features = remove_classifier(backbone)
-    model = Classifier(backbone, nn.Linear(in_features, num_classes), frozen)
+    model = Classifier(backbone, nn.Linear(in_features, num_classes), unfreeze)
     return model, {"weights_source": source, "pretrained": pretrained}
 
 

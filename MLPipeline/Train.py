@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from MLPipeline import Report
 from MLPipeline.CreateDataset import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, UserError, build_index,
                                       check_data_dir, index_folder, list_images, load_image, load_images,
-                                      one_hot, resize, to_model_input)
-from MLPipeline.ResNet_Model import Classifier, build_model, checkpoint_dict, load_checkpoint, save_checkpoint
+                                      make_augmenter, one_hot, resize, stratified_split, to_model_input)
+from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
+                                     load_checkpoint, save_checkpoint)
 
 log = logging.getLogger("MLPipeline")
 
@@ -44,8 +45,15 @@ class TrainConfig:
     weights: str = "auto"
     device: str = "auto"
     arch: str = "resnet50"
-    cache_features: bool = True
+    cache_features: bool = True  # compute a frozen backbone's features once (same results, much faster)
     inference_batch_size: int = 64
+    # The original's "further improvements", all off by default:
+    schedule: str = "none"  # 'cosine' anneals the learning rate to 0 over the epochs
+    augment: bool = False
+    flips: bool = False  # with augment: mirror images too (mirrored text never occurs in real photos)
+    unfreeze: str = "none"  # 'last' stage of the backbone or 'all' of it, trained at backbone_lr
+    backbone_lr: float | None = None  # default lr / 10
+    val_size: float = 0.0  # > 0: carve a validation split from train and keep the best epoch's weights
 
     def check(self) -> None:
         """Raise UserError for settings out of range, before any work is done."""
@@ -53,10 +61,16 @@ class TrainConfig:
             (self.epochs < 1, f"--epochs must be at least 1, not {self.epochs}"),
             (self.batch_size < 1, f"--batch-size must be at least 1, not {self.batch_size}"),
             (not self.lr > 0, f"--lr must be positive, not {self.lr}"),
+            (self.backbone_lr is not None and not self.backbone_lr > 0,
+             f"--backbone-lr must be positive, not {self.backbone_lr}"),
             (not 0 < self.test_size < 1, f"--test-size must be between 0 and 1, not {self.test_size}"),
+            (not 0 <= self.val_size < 1, f"--val-size must be 0 (off) or between 0 and 1, not {self.val_size}"),
             (self.img_size < MIN_IMG_SIZE, f"--img-size must be at least {MIN_IMG_SIZE} for the backbone, "
                                            f"not {self.img_size}"),
             (self.inference_batch_size < 1, "inference_batch_size must be at least 1"),
+            (self.arch not in BACKBONES, f"unknown backbone '{self.arch}': choose from {', '.join(BACKBONES)}"),
+            (self.unfreeze not in UNFREEZE_CHOICES, f"--unfreeze must be one of {', '.join(UNFREEZE_CHOICES)}"),
+            (self.schedule not in ("none", "cosine"), f"--schedule must be none or cosine, not {self.schedule}"),
         ]
         for failed, message in problems:
             if failed:
@@ -118,36 +132,64 @@ def prepare_model(model: Classifier, device: torch.device) -> Classifier:
     return model.to(device)
 
 
-def fit(model: Classifier, train_inputs: Callable[[torch.Tensor], torch.Tensor], train_labels: torch.Tensor,
-        test_logits: Callable[[], torch.Tensor], test_labels: torch.Tensor, config: TrainConfig,
-        num_classes: int) -> list[dict]:
+Logits = Callable[[], torch.Tensor]
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(cross-entropy loss on one-hot targets, accuracy)."""
+    loss = F.cross_entropy(logits, one_hot(labels, num_classes)).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(model: Classifier, train_logits: Callable[[torch.Tensor], torch.Tensor], train_labels: torch.Tensor,
+        test_logits: Logits, test_labels: torch.Tensor, config: TrainConfig, num_classes: int,
+        val_logits: Logits | None = None, val_labels: torch.Tensor | None = None) -> tuple[list[dict], int]:
     """The training loop: Adam, cross-entropy on one-hot targets, shuffled batches, one line per epoch.
 
-    train_inputs(batch_indices) gives the logits of those training images; test_logits() those of the test set.
+    train_logits(batch_indices) gives the logits of those training images; test_logits() and val_logits()
+    those of the whole test and validation sets. With a validation set, the weights of the epoch with the
+    lowest validation loss are restored at the end; the test set is reported, never used to choose.
+    Returns the per-epoch history and the epoch whose weights the model ends with.
     """
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    head_parameters = list(model.head.parameters())
+    backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": head_parameters, "lr": config.lr},
+                                  {"params": backbone_parameters, "lr": config.backbone_lr or config.lr / 10}])
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+                 if config.schedule == "cosine" else None)
     shuffle = torch.Generator().manual_seed(config.seed)
-    history, start = [], time.perf_counter()
+    history, best, start = [], None, time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
         order, loss_sum = torch.randperm(len(train_labels), generator=shuffle), 0.0
         update = progress_reporter(f"epoch {epoch} training", len(order))
         for first in range(0, len(order), config.batch_size):
             batch = order[first:first + config.batch_size]
-            loss = F.cross_entropy(train_inputs(batch), one_hot(train_labels[batch], num_classes))
+            loss = F.cross_entropy(train_logits(batch), one_hot(train_labels[batch], num_classes))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(batch)
             update(first + len(batch))
-        logits = test_logits()
-        test_loss = F.cross_entropy(logits, one_hot(test_labels, num_classes)).item()
-        accuracy = (logits.argmax(1) == test_labels).float().mean().item()
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(order), "test_loss": test_loss,
-                        "test_accuracy": accuracy, "elapsed_s": round(time.perf_counter() - start, 2)})
-        log.info("epoch %d/%d  train loss %.4f  test loss %.4f  test accuracy %.2f%%  %.1fs", epoch,
-                 config.epochs, history[-1]["train_loss"], test_loss, 100 * accuracy, history[-1]["elapsed_s"])
-    return history
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / len(order)}
+        if scheduler:
+            scheduler.step()
+        row["test_loss"], row["test_accuracy"] = evaluate_logits(test_logits(), test_labels, num_classes)
+        line = f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.4f}"
+        if val_logits:
+            row["val_loss"], row["val_accuracy"] = evaluate_logits(val_logits(), val_labels, num_classes)
+            line += f"  val loss {row['val_loss']:.4f}  val accuracy {100 * row['val_accuracy']:.2f}%"
+            if best is None or row["val_loss"] < best[0]:
+                best = row["val_loss"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        row["elapsed_s"] = round(time.perf_counter() - start, 2)
+        history.append(row)
+        log.info("%s  test loss %.4f  test accuracy %.2f%%  %.1fs", line, row["test_loss"],
+                 100 * row["test_accuracy"], row["elapsed_s"])
+    if not best:
+        return history, config.epochs
+    model.load_state_dict(best[2])
+    log.info("kept the weights of epoch %d (lowest validation loss)", best[1])
+    return history, best[1]
 
 
 @dataclass
@@ -166,6 +208,8 @@ def train(config: TrainConfig) -> TrainingRun:
     device = pick_device(config.device)
     timings, started = {}, time.perf_counter()
     index = build_index(config.data_dir, config.test_size, config.seed)
+    if config.val_size:
+        index = stratified_split(index, config.val_size, config.seed, to_split="val")
     classes = sorted(index.label.unique())
 
     images, skipped = load_images(index.path.tolist(), config.img_size)
@@ -173,57 +217,62 @@ def train(config: TrainConfig) -> TrainingRun:
     used = index[index.skipped.isna()].reset_index(drop=True)
     check_enough_left(used, classes)
     labels = torch.tensor(used.label.map(classes.index).to_numpy())
-    is_train = torch.tensor((used.split == "train").to_numpy())
-    train_images, test_images = images[is_train.numpy()], images[~is_train.numpy()]
-    train_labels, test_labels = labels[is_train], labels[~is_train]
+    split_of = used.split.to_numpy()
+    splits = {name: (images[split_of == name], labels[torch.from_numpy(split_of == name)].to(device))
+              for name in ("train", "val", "test")}
     timings["decode_s"] = time.perf_counter() - started
-    log.info("data: %d train and %d test images of %d classes (%s), %d skipped; device %s",
-             len(train_labels), len(test_labels), len(classes), ", ".join(classes), len(skipped), device)
+    log.info("data: %s images of %d classes (%s), %d skipped; device %s",
+             " + ".join(f"{len(splits[name][1])} {name}" for name in splits if len(splits[name][1])),
+             len(classes), ", ".join(classes), len(skipped), device)
 
     torch.manual_seed(config.seed)
-    model, provenance = build_model(len(classes), config.arch, config.weights, frozen=True)
+    model, provenance = build_model(len(classes), config.arch, config.weights, config.unfreeze)
     model = prepare_model(model, device)
-    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
-
     phase = time.perf_counter()
-    if config.cache_features:
-        def features_of(batch_images: np.ndarray, label: str) -> torch.Tensor:
-            return forward_in_batches(model.backbone, batch_images, device, config.inference_batch_size,
-                                      label=label).clone()  # a normal tensor, usable to train
-        train_features = features_of(train_images, "features (train)")
-        test_features = features_of(test_images, "features (test)")
+    if config.cache_features and model.frozen and not config.augment:
+        features = {name: forward_in_batches(model.backbone, split_images, device, config.inference_batch_size,
+                                             label=f"features ({name})").clone()  # a normal tensor, to train on
+                    for name, (split_images, _) in splits.items()}
         timings["features_s"] = time.perf_counter() - phase
-        train_inputs = lambda batch: model.head(train_features[batch.to(device)])  # noqa: E731
-        test_logits = lambda: model.head(test_features).detach()  # noqa: E731
+        train_logits = lambda batch: model.head(features["train"][batch.to(device)])  # noqa: E731
+        logits_of = lambda name: lambda: model.head(features[name]).detach()  # noqa: E731
     else:
-        train_source = torch.from_numpy(train_images)
-        train_inputs = lambda batch: model(to_model_input(train_source[batch].to(device), IMAGENET_MEAN,  # noqa: E731
-                                                          IMAGENET_STD))
-        test_logits = lambda: forward_in_batches(model, test_images, device, config.batch_size,  # noqa: E731
-                                                 label="test").clone()
+        augment = make_augmenter(config.img_size, config.flips) if config.augment else None
+        train_source = torch.from_numpy(splits["train"][0])
+
+        def train_logits(batch: torch.Tensor) -> torch.Tensor:
+            batch_images = augment(train_source[batch]) if augment else train_source[batch]
+            return model(to_model_input(batch_images.to(device), IMAGENET_MEAN, IMAGENET_STD))
+        logits_of = lambda name: lambda: forward_in_batches(  # noqa: E731
+            model, splits[name][0], device, config.batch_size, label=name).clone()
     phase = time.perf_counter()
-    history = fit(model, train_inputs, train_labels, test_logits, test_labels, config, len(classes))
+    history, best_epoch = fit(model, train_logits, splits["train"][1], logits_of("test"), splits["test"][1], config,
+                  len(classes), logits_of("val") if config.val_size else None, splits["val"][1])
     timings["train_s"] = time.perf_counter() - phase
-    final_logits = test_logits().cpu()
+    final_logits = logits_of("test")().cpu()
     timings["total_s"] = time.perf_counter() - started
 
-    test_paths = used.path[~is_train.numpy()].tolist()
-    report = Report.classification_report(test_labels.cpu().numpy(), final_logits.argmax(1).numpy(), classes)
+    report = Report.classification_report(splits["test"][1].cpu().numpy(), final_logits.argmax(1).numpy(), classes)
+    test_loss, _ = evaluate_logits(final_logits, splits["test"][1].cpu(), len(classes))
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     metrics = {
-        "config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
-        "device": str(device), "torch_version": str(torch.__version__), **provenance,
+        "config": settings, "device": str(device), "torch_version": str(torch.__version__), **provenance,
         "dataset": {"classes": classes,
-                    "counts": used.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict(),
+                    "counts": used.groupby(["label", "split"]).size().unstack(fill_value=0).T.to_dict(),
                     "skipped_count": len(skipped), "skipped": skipped},
-        "history": history, "test_accuracy": report["accuracy"], "test_loss": history[-1]["test_loss"],
+        "history": history, "best_epoch": best_epoch, "test_accuracy": report["accuracy"], "test_loss": test_loss,
         **{key: value for key, value in report.items() if key != "accuracy"},
         "timings_s": {key: round(value, 2) for key, value in timings.items()},
     }
-    checkpoint = checkpoint_dict(model, classes, config.arch, config.img_size, provenance)
+    checkpoint = checkpoint_dict(model, classes, config.arch, config.img_size, provenance,
+                                 extra={"training": {key: settings[key] for key in (
+                                     "epochs", "batch_size", "lr", "seed", "schedule", "augment", "flips",
+                                     "unfreeze", "val_size")}})
     write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
     log.info("test accuracy %.2f%% (%s backbone: %s); outputs in %s", 100 * report["accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["weights_source"],
              config.output_dir)
+    test_paths = used.path[(used.split == "test").to_numpy()].tolist()
     return TrainingRun(model, classes, metrics, test_paths, final_logits)
 
 

@@ -1,0 +1,93 @@
+"""The original's suggested improvements as options: each works end to end on a tiny dataset."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from MLPipeline import TrainConfig, load_model, predict, train
+from MLPipeline.CreateDataset import make_augmenter
+from MLPipeline.ResNet_Model import build_model
+from tests.conftest import FAST, run_engine
+
+
+def fast_config(data_dir, output_dir, **overrides) -> TrainConfig:
+    settings = dict(data_dir=data_dir, output_dir=output_dir, epochs=1, img_size=32, weights="none")
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16", "efficientnet_b0", "convnext_tiny"])
+def test_each_backbone_family_trains_saves_and_predicts(arch, tiny_data, tmp_path):
+    run = train(fast_config(tiny_data, tmp_path, arch=arch))
+    model = load_model(tmp_path / "model.pt", device="cpu")
+    assert model.info["arch"] == arch and model.info["head"]["out_features"] == 3
+    assert isinstance(model.network.head, torch.nn.Linear)
+    results = predict(model, run.test_paths)
+    expected = run.test_logits.softmax(1)
+    torch.testing.assert_close(torch.tensor(results[[f"p_{c}" for c in run.classes]].to_numpy(), dtype=torch.float32),
+                               expected, rtol=1e-4, atol=1e-5)
+
+
+def test_augmenter_changes_each_image_and_keeps_the_shape():
+    images = torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8)
+    torch.manual_seed(0)
+    augmented = make_augmenter(40)(images)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert all(not torch.equal(before, after) for before, after in zip(images, augmented))
+
+
+def test_augment_runs_the_uncached_path_and_is_recorded(tiny_data, tmp_path):
+    run = train(fast_config(tiny_data, tmp_path, augment=True, flips=True))
+    assert "features_s" not in run.metrics["timings_s"]
+    training = torch.load(tmp_path / "model.pt", weights_only=True)["training"]
+    assert training["augment"] is True and training["flips"] is True
+
+
+@pytest.mark.parametrize("unfreeze, layer1_changes", [("last", False), ("all", True)])
+def test_unfreeze_trains_the_chosen_layers_at_a_lower_rate_and_keeps_batchnorm_statistics(
+        unfreeze, layer1_changes, tiny_data, tmp_path):
+    torch.manual_seed(42)  # train() seeds the same way, so this is the model it starts from
+    initial, _ = build_model(3, "resnet18", "none", unfreeze)
+    run = train(fast_config(tiny_data, tmp_path, arch="resnet18", unfreeze=unfreeze))
+    trained = run.model.backbone
+    changed = lambda name: not torch.equal(initial.backbone.get_parameter(name), trained.get_parameter(name))  # noqa: E731
+    assert changed("layer4.1.conv2.weight")
+    assert changed("layer1.0.conv1.weight") == layer1_changes
+    torch.testing.assert_close(initial.backbone.layer4[1].bn2.running_mean, trained.layer4[1].bn2.running_mean)
+    assert "features_s" not in run.metrics["timings_s"]
+
+
+def test_cosine_schedule_lowers_the_learning_rate_each_epoch(tiny_data, tmp_path):
+    cosine = train(fast_config(tiny_data, tmp_path / "cosine", epochs=3, schedule="cosine", lr=1e-3))
+    constant = train(fast_config(tiny_data, tmp_path / "constant", epochs=3, lr=1e-3))
+    cosine_rates = [row["lr"] for row in cosine.metrics["history"]]
+    assert cosine_rates[0] == pytest.approx(1e-3) and cosine_rates[0] > cosine_rates[1] > cosine_rates[2] > 0
+    assert [row["lr"] for row in constant.metrics["history"]] == [1e-3] * 3
+
+
+def test_validation_split_chooses_the_epoch_and_leaves_the_test_split_alone(tiny_data, tmp_path):
+    plain = train(fast_config(tiny_data, tmp_path / "plain", epochs=4))
+    validated = train(fast_config(tiny_data, tmp_path / "validated", epochs=4, val_size=0.25))
+    plain_split, validated_split = (pd.read_csv(tmp_path / name / "split.csv") for name in ("plain", "validated"))
+    assert (plain_split.split == "test").tolist() == (validated_split.split == "test").tolist()
+    assert (validated_split.split == "val").sum() == 3 * round(0.25 * 6)
+    history = validated.metrics["history"]
+    best = min(history, key=lambda row: row["val_loss"])
+    assert validated.metrics["best_epoch"] == best["epoch"]
+    assert validated.metrics["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert plain.metrics["best_epoch"] == 4
+
+
+def test_improvement_flags_reach_the_checkpoint_from_the_command_line(tiny_data, tmp_path):
+    result = run_engine("--data-dir", tiny_data, "--output-dir", tmp_path, *FAST, "--backbone", "resnet18",
+                        "--augment", "--unfreeze", "last", "--schedule", "cosine", "--val-size", "0.25",
+                        "--backbone-lr", "1e-5")
+    assert result.returncode == 0, result.stderr
+    assert "val accuracy" in result.stdout
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert checkpoint["arch"] == "resnet18"
+    assert {key: checkpoint["training"][key] for key in ("augment", "unfreeze", "schedule", "val_size")} == {
+        "augment": True, "unfreeze": "last", "schedule": "cosine", "val_size": 0.25}
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["backbone_lr"] == 1e-5
