@@ -145,13 +145,28 @@ def read_image(path: str | Path, min_size: int | None = None) -> np.ndarray:
         raise BadImageError(f"{width}x{height} is over {MAX_PIXELS} pixels, too large to decode safely")
     if min(width, height) < MIN_SIDE:
         raise BadImageError(f"{width}x{height} is too small to classify")
-    if image_format == "JPEG" and b"\xff\xd9" not in data[-64:].tobytes():
+    if image_format == "JPEG" and not jpeg_is_complete(data.tobytes()):
         raise BadImageError("truncated JPEG (no end-of-image marker)")  # OpenCV would fill the rest with grey
     reduce = image_format == "JPEG" and min_size is not None
     image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if reduce else cv2.IMREAD_COLOR)
     if image is None:
         return decode_with_pillow(data)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether the main image's compressed data ends with an end-of-image marker (FF D9).
+
+    Walks the header segments to the first start-of-scan (FF DA), so the marker of an EXIF thumbnail does
+    not count and data that phones append after the image does not matter. Compressed data never holds
+    FF D9 (the format escapes FF bytes), so the first one after the scan starts is the real end.
+    """
+    position = 2  # after the start-of-image marker
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        if data[position + 1] == 0xDA:
+            return data.find(b"\xff\xd9", position) != -1
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return position + 4 <= len(data)  # a header we cannot walk: let the decoder judge it
 
 
 def reduced_read_flag(width: int, height: int, min_size: int) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,7 +66,8 @@ def resolve_weights(arch: str, weights: str) -> tuple[dict | None, str, bool]:
     file_name = imagenet.url.rsplit("/", 1)[-1]
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        return imagenet.get_state_dict(progress=False), f"torchvision {imagenet} ({file_name})", True
+        state_dict = imagenet.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        return state_dict, f"torchvision {imagenet} ({file_name})", True
     except Exception as error:
         advice = (f"tried torchvision {imagenet}: {type(error).__name__}: {error}. To use them offline, download "
                   f"{imagenet.url} and put {file_name} in {cache_dir}/ (or pass --weights /path/to/{file_name})")
@@ -89,12 +89,12 @@ def safe_torch_load(path: Path, what: str) -> dict:
     """torch.load restricted to tensors and plain containers: a crafted pickle is refused, never run."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} was refused: it holds Python objects other than tensors and plain values, "
-                        f"so it is not a {what} of this project (loading it could run code)") from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable {what}: {first_line}") from None
+    except Exception as error:  # torch raises many kinds for files that are not checkpoints
+        if "GLOBAL" in str(error):
+            raise UserError(f"{path} was refused: it asks to load Python objects other than tensors and plain "
+                            f"values (loading it could run code), so it is not a {what} of this project") from None
+        raise UserError(f"{path} is not a readable {what} (corrupt, truncated or not a PyTorch file: "
+                        f"{type(error).__name__})") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path} is not a {what}: it holds a {type(loaded).__name__}, not a dict")
     return loaded
@@ -181,10 +181,12 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if checkpoint.get("format") != CHECKPOINT_FORMAT or missing:
         raise UserError(f"{path} is not a model file of this project (missing: {', '.join(missing) or 'format'})")
-    model, _ = build_model(len(checkpoint["classes"]), checkpoint["arch"], weights="none")
+    if not (isinstance(checkpoint["classes"], list) and isinstance(checkpoint["state_dict"], dict)):
+        raise UserError(f"{path} is damaged: its classes or weights are not of the expected kind")
     try:
+        model, _ = build_model(len(checkpoint["classes"]), checkpoint["arch"], weights="none")
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
                         f"{len(checkpoint['classes'])} classes: {str(error).splitlines()[0]}") from None
     return model.eval(), checkpoint
