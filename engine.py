@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+import cv2
 import pandas as pd
 
 from MLPipeline import Report
@@ -44,6 +45,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    if args.csv and args.csv.is_dir():
+        raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
     model = load_model(args.model, args.device)
     results = predict(model, args.paths)
     if results.empty:
@@ -153,7 +156,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
-    """Progress lines to stdout, warnings to stderr, both as bare messages."""
+    """Progress lines to stdout, warnings to stderr, both as bare messages.
+
+    OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
+    """
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     to_stdout = logging.StreamHandler(sys.stdout)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)

@@ -29,6 +29,7 @@ log = logging.getLogger("MLPipeline")
 
 PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 MIN_IMG_SIZE = 32  # the ResNet/VGG stems downsample 32x; smaller inputs vanish
+MAX_IMG_SIZE = 1024  # beyond this a run would only exhaust memory
 
 
 @dataclass
@@ -65,8 +66,10 @@ class TrainConfig:
              f"--backbone-lr must be positive, not {self.backbone_lr}"),
             (not 0 < self.test_size < 1, f"--test-size must be between 0 and 1, not {self.test_size}"),
             (not 0 <= self.val_size < 1, f"--val-size must be 0 (off) or between 0 and 1, not {self.val_size}"),
-            (self.img_size < MIN_IMG_SIZE, f"--img-size must be at least {MIN_IMG_SIZE} for the backbone, "
-                                           f"not {self.img_size}"),
+            (not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE,
+             f"--img-size must be between {MIN_IMG_SIZE} (the backbone's minimum) and {MAX_IMG_SIZE}, "
+             f"not {self.img_size}"),
+            (self.seed < 0, f"--seed must be 0 or more, not {self.seed}"),
             (self.inference_batch_size < 1, "inference_batch_size must be at least 1"),
             (self.arch not in BACKBONES, f"unknown backbone '{self.arch}': choose from {', '.join(BACKBONES)}"),
             (self.unfreeze not in UNFREEZE_CHOICES, f"--unfreeze must be one of {', '.join(UNFREEZE_CHOICES)}"),
@@ -76,6 +79,13 @@ class TrainConfig:
             if failed:
                 raise UserError(message)
         pick_device(self.device)
+        check_output_dir(self.output_dir)
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """An output folder may not exist yet, but must not be a file: checked before any work is done."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"output folder {output_dir} is a file; choose a folder with --output-dir")
 
 
 def pick_device(name: str) -> torch.device:
@@ -372,6 +382,7 @@ def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataF
 def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
     check_data_dir(data_dir)
+    check_output_dir(output_dir)
     index = index_folder(Path(data_dir))
     if index.empty:
         raise UserError(f"no images found in class sub-folders of {data_dir}")
