@@ -13,9 +13,10 @@ from pathlib import Path
 
 import cv2
 import pandas as pd
+import torch
 
 from MLPipeline import Report
-from MLPipeline.CreateDataset import UserError, list_images
+from MLPipeline.CreateDataset import UserError
 from MLPipeline.ResNet_Model import BACKBONES, UNFREEZE_CHOICES
 from MLPipeline.SyntheticData import make_demo_data
 from MLPipeline.Train import TrainConfig, evaluate, load_model, predict, train
@@ -36,12 +37,18 @@ def run_train(args: argparse.Namespace) -> int:
                          flips=args.flips, unfreeze=args.unfreeze, backbone_lr=args.backbone_lr,
                          val_size=args.val_size)
     config.check()
-    if args.data_dir is None and not (data_dir.is_dir() and list_images(data_dir)):
+    if args.data_dir is None and holds_nothing_but_readme(data_dir):
         logging.info("%s holds no images: generating the demo dataset there first "
                      "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
         make_demo_data(data_dir)
     train(config)
     return 0
+
+
+def holds_nothing_but_readme(folder: Path) -> bool:
+    """The untouched Data/ of a fresh clone: demo data may go there without mixing with anyone's files."""
+    return not folder.exists() or all(path.name == "README.md" or path.name.startswith(".")
+                                      for path in folder.iterdir())
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -51,14 +58,12 @@ def run_predict(args: argparse.Namespace) -> int:
     results = predict(model, args.paths)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
-    probability_columns = [f"p_{name}" for name in model.classes]
-    for row in results.itertuples(index=False):
-        if row.error:
-            print(f"{row.input}\tERROR: {row.error}", file=sys.stderr)
+    for _, row in results.iterrows():
+        if row["error"]:
+            print(f"{row['input']}\tERROR: {row['error']}", file=sys.stderr)
             continue
-        ranked = sorted(zip(model.classes, (getattr(row, column) for column in probability_columns)),
-                        key=lambda pair: -pair[1])[:args.top_k]
-        print(f"{row.input}\t" + "\t".join(f"{name} {probability:.3f}" for name, probability in ranked))
+        ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
+        print(f"{row['input']}\t" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
     if args.csv:
         Report.write_csv(Path(args.csv), results)
     failed = (results.error != "").sum()
@@ -85,6 +90,11 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto (default) uses the GPU when PyTorch sees one")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="engine.py", description="Transfer-learning document classifier "
                                      "(ResNet50). With no command: train on Data/ with the original's settings.")
@@ -104,7 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     trainer.add_argument("--seed", type=int, default=42)
     trainer.add_argument("--weights", default="auto", help="auto (ImageNet if obtainable, else random init "
                          "with a warning) | imagenet (error if not obtainable) | none | PATH to a state dict")
-    trainer.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_option(trainer)
     trainer.add_argument("--no-feature-cache", action="store_true", help="run the frozen backbone on every "
                          "batch of every epoch, like the original (same results, much slower)")
     improvements = trainer.add_argument_group("the original's suggested improvements (all off by default)")
@@ -131,14 +141,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     predictor.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
     predictor.add_argument("--top-k", type=int, default=1, help="how many classes to print per image")
-    predictor.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_option(predictor)
 
     evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
     evaluator.set_defaults(command=run_evaluate)
     evaluator.add_argument("data_dir", type=Path, help="folder with one sub-folder per class")
     evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
-    evaluator.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_option(evaluator)
 
     demo = commands.add_parser("make-demo-data", help="write the synthetic demo dataset of fake documents")
     demo.set_defaults(command=run_make_demo_data)
@@ -147,7 +157,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="write even if the folder already holds images")
 
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        parser.error(f"unknown command '{argv[0]}': choose from {', '.join(COMMANDS)}")
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]  # `python engine.py [train options]` trains
     args = parser.parse_args(argv)
     if args.command_name == "predict" and args.top_k < 1:
@@ -176,8 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: lower --img-size or --batch-size, or use --device cpu",
+              file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder we may not read or write, a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: stopped before writing; earlier outputs are as they were", file=sys.stderr)
+        print("interrupted: output files are replaced whole at the end of a run, never half-written; "
+              "those not yet replaced are the previous run's", file=sys.stderr)
         return 130
 
 

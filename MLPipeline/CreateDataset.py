@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,10 +71,16 @@ def index_folder(folder: Path) -> pd.DataFrame:
 
 def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
-    subfolders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir()}
+    subfolders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir() and not p.name.startswith(".")}
     for train_name, test_name in PRESPLIT_PAIRS:
         if train_name in subfolders and test_name in subfolders:
-            return subfolders[train_name], subfolders[test_name]
+            train_dir, test_dir = subfolders[train_name], subfolders[test_name]
+            log.info("pre-split layout: training on %s, testing on %s", train_dir.name, test_dir.name)
+            ignored = sorted(p.name for p in subfolders.values() if p not in (train_dir, test_dir))
+            if ignored:
+                log.warning("warning: folder(s) %s in %s are not part of the train/test pair; ignored",
+                            ", ".join(ignored), data_dir)
+            return train_dir, test_dir
     return None
 
 
@@ -104,16 +111,20 @@ def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42) -> pd.Da
 def check_classes(index: pd.DataFrame, data_dir: Path) -> None:
     if index.empty:
         raise UserError(f"no images found in {data_dir}: put them in one sub-folder per class "
-                        f"(e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg)")
+                        f"(e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg); "
+                        f"recognised: {' '.join(sorted(IMAGE_EXTENSIONS))}")
     if index.label.nunique() < 2:
         raise UserError(f"{data_dir} has images of {index.label.nunique()} class; at least 2 class folders are needed")
 
 
 def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: str = "test") -> pd.DataFrame:
-    """Move round(fraction * n) 'train' images of each class (at least one) to `to_split`, by a seeded shuffle."""
-    rng = np.random.default_rng(seed)
+    """Move round(fraction * n) 'train' images of each class (at least one) to `to_split`, by a seeded shuffle.
+
+    Each class has its own random stream, so adding a class or an image to one class leaves the others' split.
+    """
     index = index.assign(split=index.get("split", "train"))
     for label, rows in index[index.split == "train"].groupby("label"):
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
         if len(rows) < 2:
             raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
                             f"to be split into train and {to_split}: add images or remove the folder")
@@ -148,7 +159,10 @@ def read_image(path: str | Path, min_size: int | None = None) -> np.ndarray:
     if image_format == "JPEG" and not jpeg_is_complete(data.tobytes()):
         raise BadImageError("truncated JPEG (no end-of-image marker)")  # OpenCV would fill the rest with grey
     reduce = image_format == "JPEG" and min_size is not None
-    image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if reduce else cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if reduce else cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
     if image is None:
         return decode_with_pillow(data)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -205,8 +219,8 @@ def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, 
     def load_or_reason(path: str) -> np.ndarray | str:
         try:
             return load_image(path, img_size)
-        except BadImageError as error:
-            return str(error)
+        except (BadImageError, cv2.error) as error:
+            return str(error).strip().splitlines()[-1]
         except OSError as error:
             return f"cannot be read ({error.strerror or error})"
 
@@ -237,7 +251,9 @@ def make_augmenter(img_size: int, flips: bool = False):
     """
     steps = [v2.RandomResizedCrop(img_size, scale=(0.75, 1.0), ratio=(0.85, 1.18)), v2.RandomRotation(8),
              v2.RandomPerspective(0.15, p=0.5), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
-    transform = v2.Compose(steps + [v2.RandomHorizontalFlip()] * flips)
+    if flips:
+        steps.append(v2.RandomHorizontalFlip())
+    transform = v2.Compose(steps)
 
     def augment(images: torch.Tensor) -> torch.Tensor:
         return torch.stack([transform(image.permute(2, 0, 1)) for image in images]).permute(0, 2, 3, 1)

@@ -81,7 +81,8 @@ def resolve_weights(arch: str, weights: str) -> tuple[dict | None, str, bool]:
 
 def load_weights_file(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"weights file {path} does not exist (--weights takes auto, imagenet, none or a file)")
+        raise UserError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} "
+                        f"(--weights takes auto, imagenet, none or a file)")
     return safe_torch_load(path, "weights file")
 
 
@@ -175,6 +176,8 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     """Rebuild the trained model from a checkpoint file; returns (model in eval mode on CPU, checkpoint)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model file {path} is a folder; pass the .pt file itself")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist: train one first with `python engine.py`")
     checkpoint = safe_torch_load(path, "model file")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from MLPipeline import Report
 from MLPipeline.CreateDataset import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, UserError, build_index,
-                                      check_data_dir, index_folder, list_images, load_image, load_images,
-                                      make_augmenter, one_hot, resize, stratified_split, to_model_input)
+                                      check_data_dir, find_presplit, index_folder, list_images, load_image,
+                                      load_images, make_augmenter, one_hot, resize, stratified_split,
+                                      to_model_input)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      load_checkpoint, save_checkpoint)
 
@@ -30,6 +31,8 @@ log = logging.getLogger("MLPipeline")
 PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 MIN_IMG_SIZE = 32  # the ResNet/VGG stems downsample 32x; smaller inputs vanish
 MAX_IMG_SIZE = 1024  # beyond this a run would only exhaust memory
+# The settings that shaped the weights, recorded in the checkpoint.
+TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "seed", "schedule", "augment", "flips", "unfreeze", "val_size")
 
 
 @dataclass
@@ -112,11 +115,18 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
     return update
 
 
+def autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where the GPU has it, else fp16); a no-op on the CPU."""
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype, enabled=on_cuda)
+
+
 def forward_in_batches(network: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int,
                        mean=IMAGENET_MEAN, std=IMAGENET_STD, label: str = "forward") -> torch.Tensor:
     """Run uint8 N x H x W x 3 images through `network` in eval mode; float32 outputs on the device.
 
-    On CUDA: pinned memory, non-blocking copies, channels_last and bf16 autocast.
+    On CUDA: pinned memory, non-blocking copies, channels_last and mixed precision.
     Returns an inference tensor: `.clone()` it before using it to train.
     """
     on_cuda = device.type == "cuda"
@@ -125,50 +135,126 @@ def forward_in_batches(network: torch.nn.Module, images: np.ndarray, device: tor
         source = source.pin_memory()
     outputs, update = [], progress_reporter(label, len(images))
     network.eval()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
             batch = to_model_input(source[start:start + batch_size].to(device, non_blocking=True), mean, std)
             if on_cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             outputs.append(network(batch).float())
             update(start + batch_size)
-    return torch.cat(outputs) if outputs else torch.zeros(0, device=device)
+    return torch.cat(outputs)
 
 
 def prepare_model(model: Classifier, device: torch.device) -> Classifier:
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         return model.to(device, memory_format=torch.channels_last)
     return model.to(device)
 
 
-Logits = Callable[[], torch.Tensor]
+@dataclass
+class Split:
+    """One split's decoded images (N x S x S x 3 uint8, in memory for the run) and class indices."""
+    images: np.ndarray
+    labels: torch.Tensor
 
 
-def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
-    """(cross-entropy loss on one-hot targets, accuracy)."""
-    loss = F.cross_entropy(logits, one_hot(labels, num_classes)).item()
+def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFrame, list[str], dict[str, Split]]:
+    """Index the data folder, split it, decode every image once; returns (index, classes, splits).
+
+    The index keeps every file with its split and, for files that could not be used, the reason.
+    """
+    index = build_index(config.data_dir, config.test_size, config.seed)
+    if config.val_size:
+        index = stratified_split(index, config.val_size, config.seed, to_split="val")
+    classes = sorted(index.label.unique())
+    images, skipped = load_images(index.path.tolist(), config.img_size)
+    index["skipped"] = index.path.map(skipped)
+    used = index[index.skipped.isna()]
+    check_enough_left(used, classes, config.val_size > 0)
+    split_of = used.split.to_numpy()
+    labels = torch.tensor(used.label.map(classes.index).to_numpy(), device=device)
+    splits = {name: Split(images[split_of == name], labels[torch.from_numpy(split_of == name).to(device)])
+              for name in ("train", "val", "test") if (split_of == name).any()}
+    log.info("data: %s images of %d classes (%s), %d skipped; device %s",
+             " + ".join(f"{len(split.labels)} {name}" for name, split in splits.items()), len(classes),
+             ", ".join(classes), len(skipped), device)
+    return index, classes, splits
+
+
+def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -> None:
+    """After skipping bad files, every class still needs a training image, and each split an image."""
+    for label in classes:
+        if not ((used.label == label) & (used.split == "train")).any():
+            raise UserError(f"class '{label}' has no usable training images (after skipping unreadable files)")
+    for split in ("test", "val") if needs_val else ("test",):
+        if not (used.split == split).any():
+            raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
+    for label in sorted(set(classes) - set(used.label[used.split == "test"])):
+        log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
+
+
+def uses_feature_cache(config: TrainConfig, model: Classifier) -> bool:
+    return config.cache_features and model.frozen and not config.augment
+
+
+def logit_functions(model: Classifier, splits: dict[str, Split], config: TrainConfig, device: torch.device):
+    """(train_logits(batch indices), split_logits(split name)) for fit().
+
+    With the feature cache, both read the head's input from features computed once here; otherwise the
+    full network runs on every batch (with augmentation, if asked for).
+    """
+    if uses_feature_cache(config, model):
+        features = {name: forward_in_batches(model.backbone, split.images, device, config.inference_batch_size,
+                                             label=f"features ({name})").clone()  # a normal tensor, to train on
+                    for name, split in splits.items()}
+
+        def train_logits(batch: torch.Tensor) -> torch.Tensor:
+            return model.head(features["train"][batch.to(device)])
+
+        def split_logits(name: str) -> torch.Tensor:
+            with torch.no_grad():
+                return model.head(features[name])
+        return train_logits, split_logits
+
+    augment = make_augmenter(config.img_size, config.flips) if config.augment else None
+    train_images = torch.from_numpy(splits["train"].images)
+
+    def train_logits(batch: torch.Tensor) -> torch.Tensor:
+        batch_images = augment(train_images[batch]) if augment else train_images[batch]
+        inputs = to_model_input(batch_images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+        with autocast(device):
+            return model(inputs).float()
+
+    def split_logits(name: str) -> torch.Tensor:  # batches of the training size, as the original evaluated
+        return forward_in_batches(model, splits[name].images, device, config.batch_size, label=name).clone()
+    return train_logits, split_logits
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Cross-entropy against one-hot targets, and the fraction of correct argmax predictions."""
+    loss = F.cross_entropy(logits, one_hot(labels, logits.shape[1])).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def fit(model: Classifier, train_logits: Callable[[torch.Tensor], torch.Tensor], train_labels: torch.Tensor,
-        test_logits: Logits, test_labels: torch.Tensor, config: TrainConfig, num_classes: int,
-        val_logits: Logits | None = None, val_labels: torch.Tensor | None = None) -> tuple[list[dict], int]:
+def fit(model: Classifier, train_logits: Callable[[torch.Tensor], torch.Tensor],
+        split_logits: Callable[[str], torch.Tensor], splits: dict[str, Split], config: TrainConfig,
+        ) -> tuple[list[dict], int]:
     """The training loop: Adam, cross-entropy on one-hot targets, shuffled batches, one line per epoch.
 
-    train_logits(batch_indices) gives the logits of those training images; test_logits() and val_logits()
-    those of the whole test and validation sets. With a validation set, the weights of the epoch with the
-    lowest validation loss are restored at the end; the test set is reported, never used to choose.
+    With a validation split, the weights of the epoch with the lowest validation loss are restored at the
+    end; the test split is reported every epoch but never used to choose anything.
     Returns the per-epoch history and the epoch whose weights the model ends with.
     """
-    head_parameters = list(model.head.parameters())
     backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam([{"params": head_parameters, "lr": config.lr},
+    optimizer = torch.optim.Adam([{"params": model.head.parameters(), "lr": config.lr},
                                   {"params": backbone_parameters, "lr": config.backbone_lr or config.lr / 10}])
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                  if config.schedule == "cosine" else None)
     shuffle = torch.Generator().manual_seed(config.seed)
-    history, best, start = [], None, time.perf_counter()
+    train_labels, num_classes = splits["train"].labels, model.head.out_features
+    history, start = [], time.perf_counter()
+    best_loss, best_epoch, best_weights = float("inf"), config.epochs, None
     for epoch in range(1, config.epochs + 1):
         model.train()
         order, loss_sum = torch.randperm(len(train_labels), generator=shuffle), 0.0
@@ -184,115 +270,83 @@ def fit(model: Classifier, train_logits: Callable[[torch.Tensor], torch.Tensor],
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / len(order)}
         if scheduler:
             scheduler.step()
-        row["test_loss"], row["test_accuracy"] = evaluate_logits(test_logits(), test_labels, num_classes)
         line = f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.4f}"
-        if val_logits:
-            row["val_loss"], row["val_accuracy"] = evaluate_logits(val_logits(), val_labels, num_classes)
-            line += f"  val loss {row['val_loss']:.4f}  val accuracy {100 * row['val_accuracy']:.2f}%"
-            if best is None or row["val_loss"] < best[0]:
-                best = row["val_loss"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name in ("val", "test") if "val" in splits else ("test",):
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(split_logits(name), splits[name].labels)
+            line += f"  {name} loss {row[f'{name}_loss']:.4f}  {name} accuracy {100 * row[f'{name}_accuracy']:.2f}%"
+        if "val" in splits and row["val_loss"] < best_loss:
+            best_loss, best_epoch = row["val_loss"], epoch
+            best_weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
         row["elapsed_s"] = round(time.perf_counter() - start, 2)
         history.append(row)
-        log.info("%s  test loss %.4f  test accuracy %.2f%%  %.1fs", line, row["test_loss"],
-                 100 * row["test_accuracy"], row["elapsed_s"])
-    if not best:
-        return history, config.epochs
-    model.load_state_dict(best[2])
-    log.info("kept the weights of epoch %d (lowest validation loss)", best[1])
-    return history, best[1]
+        log.info("%s  %.1fs", line, row["elapsed_s"])
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+        log.info("kept the weights of epoch %d (lowest validation loss)", best_epoch)
+    return history, best_epoch
 
 
 @dataclass
 class TrainingRun:
-    """What train() hands back: the trained model and everything it reported."""
+    """What train() hands back: the trained model, its metrics, and the test images' final logits."""
     model: Classifier
     classes: list[str]
     metrics: dict
-    test_paths: list[str] = field(default_factory=list)
-    test_logits: torch.Tensor | None = None
+    test_paths: list[str]
+    test_logits: torch.Tensor
 
 
 def train(config: TrainConfig) -> TrainingRun:
     """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir."""
     config.check()
     device = pick_device(config.device)
-    timings, started = {}, time.perf_counter()
-    index = build_index(config.data_dir, config.test_size, config.seed)
-    if config.val_size:
-        index = stratified_split(index, config.val_size, config.seed, to_split="val")
-    classes = sorted(index.label.unique())
+    started = time.perf_counter()
+    index, classes, splits = load_dataset(config, device)
+    timings = {"decode_s": time.perf_counter() - started}
 
-    images, skipped = load_images(index.path.tolist(), config.img_size)
-    index["skipped"] = index.path.map(skipped)
-    used = index[index.skipped.isna()].reset_index(drop=True)
-    check_enough_left(used, classes)
-    labels = torch.tensor(used.label.map(classes.index).to_numpy())
-    split_of = used.split.to_numpy()
-    splits = {name: (images[split_of == name], labels[torch.from_numpy(split_of == name)].to(device))
-              for name in ("train", "val", "test")}
-    timings["decode_s"] = time.perf_counter() - started
-    log.info("data: %s images of %d classes (%s), %d skipped; device %s",
-             " + ".join(f"{len(splits[name][1])} {name}" for name in splits if len(splits[name][1])),
-             len(classes), ", ".join(classes), len(skipped), device)
-
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the head's initial weights
     model, provenance = build_model(len(classes), config.arch, config.weights, config.unfreeze)
     model = prepare_model(model, device)
     phase = time.perf_counter()
-    if config.cache_features and model.frozen and not config.augment:
-        features = {name: forward_in_batches(model.backbone, split_images, device, config.inference_batch_size,
-                                             label=f"features ({name})").clone()  # a normal tensor, to train on
-                    for name, (split_images, _) in splits.items()}
+    train_logits, split_logits = logit_functions(model, splits, config, device)
+    if uses_feature_cache(config, model):
         timings["features_s"] = time.perf_counter() - phase
-        train_logits = lambda batch: model.head(features["train"][batch.to(device)])  # noqa: E731
-        logits_of = lambda name: lambda: model.head(features[name]).detach()  # noqa: E731
-    else:
-        augment = make_augmenter(config.img_size, config.flips) if config.augment else None
-        train_source = torch.from_numpy(splits["train"][0])
 
-        def train_logits(batch: torch.Tensor) -> torch.Tensor:
-            batch_images = augment(train_source[batch]) if augment else train_source[batch]
-            return model(to_model_input(batch_images.to(device), IMAGENET_MEAN, IMAGENET_STD))
-        logits_of = lambda name: lambda: forward_in_batches(  # noqa: E731
-            model, splits[name][0], device, config.batch_size, label=name).clone()
     phase = time.perf_counter()
-    history, best_epoch = fit(model, train_logits, splits["train"][1], logits_of("test"), splits["test"][1], config,
-                  len(classes), logits_of("val") if config.val_size else None, splits["val"][1])
+    history, best_epoch = fit(model, train_logits, split_logits, splits, config)
     timings["train_s"] = time.perf_counter() - phase
-    final_logits = logits_of("test")().cpu()
+    test_logits = split_logits("test").cpu()
     timings["total_s"] = time.perf_counter() - started
 
-    report = Report.classification_report(splits["test"][1].cpu().numpy(), final_logits.argmax(1).numpy(), classes)
-    test_loss, _ = evaluate_logits(final_logits, splits["test"][1].cpu(), len(classes))
+    test_labels = splits["test"].labels.cpu()
+    report = Report.classification_report(test_labels.numpy(), test_logits.argmax(1).numpy(), classes)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     metrics = {
         "config": settings, "device": str(device), "torch_version": str(torch.__version__), **provenance,
-        "dataset": {"classes": classes,
-                    "counts": used.groupby(["label", "split"]).size().unstack(fill_value=0).T.to_dict(),
-                    "skipped_count": len(skipped), "skipped": skipped},
-        "history": history, "best_epoch": best_epoch, "test_accuracy": report["accuracy"], "test_loss": test_loss,
+        "dataset": dataset_summary(index),
+        "history": history, "best_epoch": best_epoch,
+        "test_accuracy": report["accuracy"], "test_loss": loss_and_accuracy(test_logits, test_labels)[0],
         **{key: value for key, value in report.items() if key != "accuracy"},
         "timings_s": {key: round(value, 2) for key, value in timings.items()},
     }
+    training_settings = {key: settings[key] for key in TRAINING_SETTINGS}
     checkpoint = checkpoint_dict(model, classes, config.arch, config.img_size, provenance,
-                                 extra={"training": {key: settings[key] for key in (
-                                     "epochs", "batch_size", "lr", "seed", "schedule", "augment", "flips",
-                                     "unfreeze", "val_size")}})
+                                 extra={"training": training_settings})
     write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
     log.info("test accuracy %.2f%% (%s backbone: %s); outputs in %s", 100 * report["accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["weights_source"],
              config.output_dir)
-    test_paths = used.path[(used.split == "test").to_numpy()].tolist()
-    return TrainingRun(model, classes, metrics, test_paths, final_logits)
+    test_paths = index.path[(index.split == "test") & index.skipped.isna()].tolist()
+    return TrainingRun(model, classes, metrics, test_paths, test_logits)
 
 
-def check_enough_left(used: pd.DataFrame, classes: list[str]) -> None:
-    """After skipping bad files, every class still needs a training image and the test split an image."""
-    for label in classes:
-        if not ((used.label == label) & (used.split == "train")).any():
-            raise UserError(f"class '{label}' has no usable training images left after skipping bad files")
-    if not (used.split == "test").any():
-        raise UserError("no usable test images left after skipping bad files")
+def dataset_summary(index: pd.DataFrame) -> dict:
+    """Images used per class and split, and the files skipped with their reasons."""
+    used, skipped = index[index.skipped.isna()], index[index.skipped.notna()]
+    return {"classes": sorted(index.label.unique()),
+            "counts": {label: rows.split.value_counts().sort_index().to_dict()
+                       for label, rows in used.groupby("label")},
+            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))}
 
 
 def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoint: dict) -> None:
@@ -383,7 +437,8 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
     check_data_dir(data_dir)
     check_output_dir(output_dir)
-    index = index_folder(Path(data_dir))
+    presplit = find_presplit(Path(data_dir))  # a pre-split folder is scored on its test part
+    index = index_folder(presplit[1] if presplit else Path(data_dir))
     if index.empty:
         raise UserError(f"no images found in class sub-folders of {data_dir}")
     unknown = sorted(set(index.label) - set(model.classes))

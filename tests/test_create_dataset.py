@@ -125,6 +125,22 @@ def test_split_is_seeded(tmp_path):
     assert set(first.path[first.split == "test"]) != set(other.path[other.split == "test"])
 
 
+def test_adding_a_class_leaves_the_other_classes_split_alone(tmp_path):
+    make_classes(tmp_path, {"a": 10, "b": 10})
+    before = build_index(tmp_path, seed=7)
+    make_classes(tmp_path, {"c": 10})
+    after = build_index(tmp_path, seed=7)
+    assert set(before.path[before.split == "test"]) <= set(after.path[after.split == "test"])
+
+
+def test_presplit_layout_names_folders_it_ignores(tmp_path, caplog):
+    for split in ("train", "test", "val"):
+        make_classes(tmp_path / split, {"a": 2, "b": 2})
+    index = build_index(tmp_path)
+    assert set(index.split) == {"train", "test"} and not index.path.str.contains("/val/").any()
+    assert "val" in caplog.text and "ignored" in caplog.text
+
+
 @pytest.mark.parametrize("test_size, counts, expected_test", [
     (0.2, {"n2": 2, "n3": 3, "n5": 5, "n7": 7, "n10": 10, "n13": 13}, {"n2": 1, "n3": 1, "n5": 1, "n7": 1,
                                                                       "n10": 2, "n13": 3}),

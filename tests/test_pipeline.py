@@ -158,3 +158,36 @@ def test_evaluate_writes_outputs_that_agree_with_its_predictions(trained, tiny_d
     per_class = pd.read_csv(tmp_path / "eval" / "per_class.csv")
     assert per_class["support"].tolist() == [8, 8, 8]
     assert all((tmp_path / "eval" / name).stat().st_size > 0 for name in ("confusion_matrix.png", "misclassified.png"))
+
+
+def test_class_names_that_are_not_identifiers_work_end_to_end(tmp_path):
+    make_image_folder(tmp_path / "data", classes=("ID card", "driving-licence"), per_class=5)
+    assert run_engine("--data-dir", tmp_path / "data", "--output-dir", tmp_path / "out", *FAST).returncode == 0
+    result = run_engine("predict", tmp_path / "data" / "ID card", "--model", tmp_path / "out" / "model.pt",
+                        "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    assert all(line.count("ID card") >= 2 and "driving-licence" in line for line in result.stdout.splitlines())
+
+
+def test_data_folder_with_only_unsupported_files_is_an_error_not_demo_data(tmp_path, monkeypatch, capsys):
+    data_dir = tmp_path / "Data"
+    (data_dir / "phone").mkdir(parents=True)
+    (data_dir / "phone" / "IMG_0001.HEIC").write_bytes(b"not supported here")
+    monkeypatch.setattr(engine, "DEFAULT_DATA_DIR", data_dir)
+    assert engine.main(["--output-dir", str(tmp_path / "out"), *FAST]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert sorted(p.name for p in data_dir.rglob("*")) == ["IMG_0001.HEIC", "phone"]
+
+
+def test_a_mistyped_command_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        engine.main(["prdict", "x.jpg"])
+    assert exit_info.value.code == 2 and "unknown command 'prdict'" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_test_part_of_a_presplit_folder(trained, tiny_data, tmp_path):
+    _, output_dir = trained
+    shutil.copytree(tiny_data, tmp_path / "data" / "test")
+    make_image_folder(tmp_path / "data" / "train", per_class=2)
+    report = evaluate(load_model(output_dir / "model.pt", device="cpu"), tmp_path / "data", tmp_path / "eval")
+    assert report["images"] == 24 and not report["unknown_classes"]

@@ -1,0 +1,63 @@
+"""The original recipe against each of its suggested improvements, on the same data, seed and split.
+
+    python benchmarks/compare_improvements.py            # every row, on Data/ (the demo set if it is empty)
+    python benchmarks/compare_improvements.py --quick    # 1 epoch, 64 px: checks every row runs
+
+Each row runs `python engine.py FLAGS` exactly as printed in its command column and reads the
+metrics.json it writes; wall time is the whole command's, start-up and decoding included.
+Prints a Markdown table for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = (
+    ("original recipe (frozen ResNet50, 10 epochs, Adam 1e-3)", []),
+    ("train longer", ["--epochs", "30"]),
+    ("lower learning rate", ["--lr", "1e-4"]),
+    ("cosine learning-rate schedule", ["--schedule", "cosine"]),
+    ("keep the best epoch on a validation split", ["--val-size", "0.1"]),
+    ("augmentation", ["--augment"]),
+    ("ResNet18", ["--backbone", "resnet18"]),
+    ("ResNet101", ["--backbone", "resnet101"]),
+    ("VGG16", ["--backbone", "vgg16"]),
+    ("EfficientNet-B0", ["--backbone", "efficientnet_b0"]),
+    ("ConvNeXt-Tiny", ["--backbone", "convnext_tiny"]),
+    ("fine-tune layer4 too", ["--unfreeze", "last"]),
+    ("ResNet18, every layer trained", ["--backbone", "resnet18", "--unfreeze", "all"]),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 epoch at 64 px: a smoke test of every row")
+    args = parser.parse_args()
+    quick_flags = ["--epochs", "1", "--img-size", "64"] if args.quick else []
+    print("| change | command | test accuracy | wall time | backbone pretrained |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as scratch:
+        for number, (change, flags) in enumerate(ROWS):
+            output_dir = Path(scratch) / str(number)
+            start = time.perf_counter()
+            result = subprocess.run([sys.executable, str(ROOT / "engine.py"), *flags, *quick_flags,
+                                     "--output-dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            command = " ".join(["python engine.py", *flags, *quick_flags])
+            if result.returncode != 0:
+                print(f"| {change} | `{command}` | failed (exit {result.returncode}): "
+                      f"{(result.stderr.strip().splitlines() or [''])[-1]} | | |")
+                continue
+            metrics = json.loads((output_dir / "metrics.json").read_text())
+            print(f"| {change} | `{command}` | {100 * metrics['test_accuracy']:.2f}% | {seconds / 60:.1f} min | "
+                  f"{'yes' if metrics['pretrained'] else 'no (' + metrics['weights_source'] + ')'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
