@@ -69,12 +69,12 @@ def plot_confusion_matrix(confusion: np.ndarray, classes: list[str], path: Path)
 def plot_misclassified(images: np.ndarray, titles: list[str], path: Path, columns: int = 6) -> None:
     """A grid of the given images, each titled 'true -> predicted'."""
     rows = max(1, -(-len(images) // columns))
-    figure = Figure(figsize=(2.2 * columns, 2.5 * rows))
+    figure = Figure(figsize=(2.2 * columns, 2.7 * rows))
     for position, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
         axes.axis("off")
         if position < len(images):
             axes.imshow(images[position])
-            axes.set_title(titles[position], fontsize=8)
+            axes.set_title(titles[position], fontsize=7)
     if not len(images):
         figure.suptitle("no misclassified images")
     save_figure(figure, path)
@@ -92,6 +92,6 @@ def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, 
     plot_confusion_matrix(confusion, report["classes"], output_dir / "confusion_matrix.png")
     write_csv(output_dir / "predictions.csv", predictions)
     wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:max_examples]
-    plot_misclassified(images[wrong], [f"{predictions.label[i]} -> {predictions.predicted[i]}\n"
+    plot_misclassified(images[wrong], [f"{predictions.label[i]}\n-> {predictions.predicted[i]}\n"
                                        f"{Path(predictions.path[i]).name[:24]}" for i in wrong],
                        output_dir / "misclassified.png")
