@@ -90,6 +90,12 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto (default) uses the GPU when PyTorch sees one")
@@ -140,7 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     predictor.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     predictor.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
-    predictor.add_argument("--top-k", type=int, default=1, help="how many classes to print per image")
+    predictor.add_argument("--top-k", type=positive_int, default=1, help="how many classes to print per image")
     add_device_option(predictor)
 
     evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
@@ -162,8 +168,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]  # `python engine.py [train options]` trains
     args = parser.parse_args(argv)
-    if args.command_name == "predict" and args.top_k < 1:
-        parser.error("--top-k must be at least 1")
     return args
 
 

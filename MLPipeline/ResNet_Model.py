@@ -119,7 +119,8 @@ def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
         try:
             backbone.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise UserError(f"weights from {source} do not fit {arch}: {str(error).splitlines()[0]}") from None
+            raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
+                            f"({str(error).splitlines()[0]})") from None
     in_features = remove_classifier(backbone)
     model = Classifier(backbone, nn.Linear(in_features, num_classes), unfreeze)
     return model, {"weights_source": source, "pretrained": pretrained}
@@ -163,6 +164,9 @@ def save_atomically(path: Path, write) -> None:
         write(temp_name)
         with open(temp_name, "rb+") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(temp_name, path)
     finally:
         if os.path.exists(temp_name):

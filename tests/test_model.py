@@ -344,6 +344,15 @@ def test_failed_write_keeps_the_previous_file(tmp_path, written):
     assert os.listdir(tmp_path) == ["model.pt"]
 
 
+def test_saved_files_get_the_usual_permissions_not_owner_only(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_atomically(tmp_path / "out.json", lambda temp_name: open(temp_name, "w").write("{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_checkpoint(tmp_path / "model.pt")
