@@ -36,7 +36,7 @@ def run_train(args: argparse.Namespace) -> int:
                          cache_features=not args.no_feature_cache, schedule=args.schedule, augment=args.augment,
                          flips=args.flips, unfreeze=args.unfreeze, backbone_lr=args.backbone_lr,
                          val_size=args.val_size)
-    config.check()
+    config.check()  # flag errors before any demo data is written; train() checks again for API callers
     if args.data_dir is None and holds_nothing_but_readme(data_dir):
         logging.info("%s holds no images: generating the demo dataset there first "
                      "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
@@ -58,10 +58,7 @@ def run_predict(args: argparse.Namespace) -> int:
     results = predict(model, args.paths)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
-    for _, row in results.iterrows():
-        if row["error"]:
-            print(f"{row['input']}\tERROR: {row['error']}", file=sys.stderr)
-            continue
+    for _, row in results[results.error == ""].iterrows():  # the failed ones were named as they were skipped
         ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
         print(f"{row['input']}\t" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
     if args.csv:

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.CreateDataset import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, UserError, build_index,
-                                      check_data_dir, find_presplit, index_folder, list_images, load_image,
-                                      load_images, make_augmenter, one_hot, resize, stratified_split,
-                                      to_model_input)
+from MLPipeline.CreateDataset import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_index, check_data_dir,
+                                      find_presplit, index_folder, list_images, load_images, make_augmenter,
+                                      one_hot, resize, stratified_split, to_model_input)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      load_checkpoint, save_checkpoint)
 
@@ -404,23 +403,24 @@ def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataF
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
     otherwise why the input could not be classified, and the other columns are empty).
+    Files are decoded by load_images, exactly as in training.
     """
+    items = expand_inputs(inputs)
+    decoded, skipped = load_images([str(item) for item in items if not isinstance(item, np.ndarray)],
+                                   model.img_size)
+    next_decoded = iter(decoded)
     rows, images = [], []
-    for position, item in enumerate(expand_inputs(inputs)):
-        name = str(item) if isinstance(item, (str, Path)) else f"array[{position}]"
-        try:
-            if isinstance(item, np.ndarray):
-                if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-                    raise BadImageError(f"arrays must be H x W x 3 uint8 RGB, not {item.shape} {item.dtype}")
-                image = resize(item, model.img_size)
-            elif not Path(item).is_file():
-                raise BadImageError("no such file")
-            else:
-                image = load_image(item, model.img_size)
+    for position, item in enumerate(items):
+        if not isinstance(item, np.ndarray):
+            error = skipped.get(str(item), "")
+            image = None if error else next(next_decoded)
+        elif item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            error, image = f"arrays must be H x W x 3 uint8 RGB, not {item.shape} {item.dtype}", None
+        else:
+            error, image = "", resize(item, model.img_size)
+        rows.append({"input": f"array[{position}]" if isinstance(item, np.ndarray) else str(item), "error": error})
+        if image is not None:
             images.append(image)
-            rows.append({"input": name, "error": ""})
-        except (BadImageError, OSError) as error:
-            rows.append({"input": name, "error": str(error)})
     results = pd.DataFrame(rows, columns=["input", "error"])
     ok = results.error == ""
     if images:
