@@ -115,8 +115,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     trainer.add_argument("--img-size", type=int, default=200)
     trainer.add_argument("--test-size", type=float, default=0.2, help="test fraction of each class")
     trainer.add_argument("--seed", type=int, default=42)
-    trainer.add_argument("--weights", default="auto", help="auto (ImageNet if obtainable, else random init "
-                         "with a warning) | imagenet (error if not obtainable) | none | PATH to a state dict")
+    trainer.add_argument("--weights", default="auto", help="auto (the backbone's ImageNet weights; when they "
+                         "cannot be had, the pip-installed ImageNet EfficientNet-Lite0 instead, with a warning) | "
+                         "imagenet (the backbone's own, or an error) | none (random init) | PATH to a state dict")
     add_device_option(trainer)
     trainer.add_argument("--no-feature-cache", action="store_true", help="run the frozen backbone on every "
                          "batch of every epoch, like the original (same results, much slower)")

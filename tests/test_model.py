@@ -158,7 +158,7 @@ def test_unknown_backbone():
 # -------------------------------------------------------------------------------------------- resolve_weights
 
 def test_weights_none():
-    state_dict, source, pretrained = resolve_weights("resnet50", "none")
+    _, state_dict, source, pretrained = resolve_weights("resnet50", "none")
     assert state_dict is None and pretrained is False
     assert "none" in source
 
@@ -166,7 +166,7 @@ def test_weights_none():
 @pytest.mark.parametrize("weights", ["auto", "imagenet"])
 def test_imagenet_weights_from_the_local_cache(monkeypatch, offline, imagenet_cache, resnet50_file, weights):
     use_torch_home(monkeypatch, imagenet_cache)
-    state_dict, source, pretrained = resolve_weights("resnet50", weights)
+    _, state_dict, source, pretrained = resolve_weights("resnet50", weights)
     assert pretrained is True
     assert IMAGENET_FILE in source
     expected = torch.load(resnet50_file, weights_only=True)
@@ -182,12 +182,12 @@ def test_build_model_starts_from_the_cached_weights(monkeypatch, offline, imagen
     assert torch.equal(model.backbone.conv1.weight, marked_state_dict()[MARKED])
 
 
-def test_auto_without_weights_warns_and_uses_random_init(monkeypatch, offline, tmp_path, caplog):
+def test_auto_without_weights_warns_and_falls_back(monkeypatch, offline, tmp_path, caplog):
     cache_dir = use_torch_home(monkeypatch, tmp_path)
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
-        state_dict, source, pretrained = resolve_weights("resnet50", "auto")
-    assert state_dict is None and pretrained is False
-    assert source
+        arch, state_dict, source, pretrained = resolve_weights("resnet50", "auto")
+    assert arch == "efficientnet_lite0" and pretrained is True  # the pip-installed ImageNet backbone
+    assert "resnet50 weights unavailable" in source
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert IMAGENET_FILE in warnings
     assert str(cache_dir) in warnings
@@ -195,11 +195,11 @@ def test_auto_without_weights_warns_and_uses_random_init(monkeypatch, offline, t
     assert not (cache_dir / IMAGENET_FILE).exists()  # no half-download left to be mistaken for weights later
 
 
-def test_build_model_auto_offline_records_not_pretrained(monkeypatch, offline, tmp_path):
+def test_build_model_auto_offline_records_the_backbone_used(monkeypatch, offline, tmp_path):
     use_torch_home(monkeypatch, tmp_path)
     model, provenance = build_model(2, "resnet50", weights="auto")
-    assert provenance["pretrained"] is False
-    assert model.head.out_features == 2
+    assert provenance["arch"] == "efficientnet_lite0" and provenance["pretrained"] is True
+    assert model.head.out_features == 2 and model.head.in_features == 1280
 
 
 def test_imagenet_without_weights_is_an_error(monkeypatch, offline, tmp_path):
@@ -211,7 +211,7 @@ def test_imagenet_without_weights_is_an_error(monkeypatch, offline, tmp_path):
 
 
 def test_weights_from_a_file(resnet50_file):
-    state_dict, source, pretrained = resolve_weights("resnet50", str(resnet50_file))
+    _, state_dict, source, pretrained = resolve_weights("resnet50", str(resnet50_file))
     assert pretrained is True
     assert str(resnet50_file) in source
     assert torch.equal(state_dict[MARKED], marked_state_dict()[MARKED])
@@ -237,7 +237,7 @@ def test_weights_for_another_architecture(tmp_path):
 def test_our_own_checkpoint_is_not_a_weights_file(tmp_path, model3):
     model, provenance = model3
     path = tmp_path / "model.pt"
-    save_checkpoint(path, checkpoint_dict(model, ["a", "b", "c"], "resnet50", 64, provenance))
+    save_checkpoint(path, checkpoint_dict(model, ["a", "b", "c"], 64, provenance))
     with pytest.raises(UserError):
         build_model(3, "resnet50", weights=str(path))
 
@@ -248,11 +248,11 @@ def test_crafted_pickle_in_the_weights_cache_is_not_run(monkeypatch, offline, tm
     cache_dir.mkdir(parents=True)
     torch.save({"conv1.weight": CreatesMarker(marker)}, cache_dir / IMAGENET_FILE)
     try:
-        pretrained = resolve_weights("resnet50", "auto")[2]
+        used = resolve_weights("resnet50", "auto")[0]
     except UserError:
-        pretrained = False
+        used = None
     assert not marker.exists(), "loading the cached weights file ran code from it"
-    assert pretrained is False
+    assert used != "resnet50"  # the crafted file was not taken for ResNet50's weights
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -288,7 +288,7 @@ def saved(tmp_path_factory):
         model.head.weight.normal_(generator=generator)
     classes = ["driving_licence", "others", "social_security"]
     path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
-    save_checkpoint(path, checkpoint_dict(model, classes, "resnet50", 48, provenance, extra={"epochs": 2}))
+    save_checkpoint(path, checkpoint_dict(model, classes, 48, provenance, extra={"epochs": 2}))
     return path, model.eval(), classes
 
 
@@ -320,7 +320,7 @@ def test_checkpoint_is_plain_data(saved):
 def test_saving_leaves_only_the_file(tmp_path, saved):
     _, model, classes = saved
     target = tmp_path / "new_folder" / "model.pt"
-    checkpoint = checkpoint_dict(model, classes, "resnet50", 48, {"weights_source": "x", "pretrained": True})
+    checkpoint = checkpoint_dict(model, classes, 48, {"arch": "resnet50", "weights_source": "x", "pretrained": True})
     save_checkpoint(target, checkpoint)
     assert os.listdir(target.parent) == ["model.pt"]
     save_checkpoint(target, {**checkpoint, "img_size": 64})  # overwrite in place
@@ -408,7 +408,7 @@ def test_checkpoint_missing_one_key(tmp_path, saved):
 
 def test_state_dict_of_another_architecture(tmp_path):
     model18, provenance = build_model(3, "resnet18", weights="none")
-    checkpoint = checkpoint_dict(model18, ["a", "b", "c"], "resnet50", 48, provenance)  # claims resnet50
+    checkpoint = checkpoint_dict(model18, ["a", "b", "c"], 48, {**provenance, "arch": "resnet50"})  # claims resnet50
     path = tmp_path / "model.pt"
     save_checkpoint(path, checkpoint)
     with pytest.raises(UserError, match="resnet50"):

