@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ import pandas as pd
 import torch
 
 from MLPipeline import Report
-from MLPipeline.CreateDataset import UserError
-from MLPipeline.ResNet_Model import BACKBONES, UNFREEZE_CHOICES
+from MLPipeline.Common import UserError
+from MLPipeline.Predict import evaluate, load_model, predict
 from MLPipeline.SyntheticData import make_demo_data
-from MLPipeline.Train import TrainConfig, evaluate, load_model, predict, train
+from MLPipeline.Train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -30,12 +31,7 @@ COMMANDS = ("train", "predict", "evaluate", "make-demo-data")
 
 def run_train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or DEFAULT_DATA_DIR
-    config = TrainConfig(data_dir=data_dir, output_dir=args.output_dir, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, img_size=args.img_size, test_size=args.test_size,
-                         seed=args.seed, weights=args.weights, device=args.device, arch=args.backbone,
-                         cache_features=not args.no_feature_cache, schedule=args.schedule, augment=args.augment,
-                         flips=args.flips, unfreeze=args.unfreeze, backbone_lr=args.backbone_lr,
-                         val_size=args.val_size)
+    config = TrainConfig(**{**{name: getattr(args, name) for name in TRAIN_OPTIONS}, "data_dir": data_dir})
     config.check()  # flag errors before any demo data is written; train() checks again for API callers
     if args.data_dir is None and holds_nothing_but_readme(data_dir):
         logging.info("%s holds no images: generating the demo dataset there first "
@@ -98,6 +94,27 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="auto (default) uses the GPU when PyTorch sees one")
 
 
+TRAIN_OPTIONS = tuple(option.name for option in dataclasses.fields(TrainConfig))
+CLI_DEFAULTS = {"data_dir": None, "output_dir": DEFAULT_OUTPUT_DIR}  # Data/ and output/ next to engine.py
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field: its name, default, help and choices come from the field."""
+    groups = {"": parser}
+    for option in dataclasses.fields(TrainConfig):
+        rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
+        if rules["group"] not in groups:
+            groups[rules["group"]] = parser.add_argument_group(rules["group"])
+        flag = "--" + option.name.replace("_", "-")
+        if isinstance(option.default, bool):  # --augment / --no-augment
+            groups[rules["group"]].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                                help=rules["help"])
+            continue
+        value_type = float if option.default is None else type(option.default)
+        groups[rules["group"]].add_argument(flag, type=value_type, default=default, choices=rules["choices"] or None,
+                                            help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="engine.py", description="Transfer-learning document classifier "
                                      "(ResNet50). With no command: train on Data/ with the original's settings.")
@@ -105,39 +122,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     trainer = commands.add_parser("train", help="train and save output/model.pt (the default command)")
     trainer.set_defaults(command=run_train)
-    trainer.add_argument("--data-dir", type=Path, help="folder of class sub-folders, or a pre-split pair "
-                         "(train/+test/, train/+val/, Training_data/+Testing_Data/); default Data/, "
-                         "filled with the demo dataset when it holds no images")
-    trainer.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    trainer.add_argument("--epochs", type=int, default=10)
-    trainer.add_argument("--batch-size", type=int, default=8)
-    trainer.add_argument("--lr", type=float, default=1e-3)
-    trainer.add_argument("--img-size", type=int, default=200)
-    trainer.add_argument("--test-size", type=float, default=0.2, help="test fraction of each class")
-    trainer.add_argument("--seed", type=int, default=42)
-    trainer.add_argument("--weights", default="auto", help="auto (the backbone's ImageNet weights; when they "
-                         "cannot be had, the pip-installed ImageNet EfficientNet-Lite0 instead, with a warning) | "
-                         "imagenet (the backbone's own, or an error) | none (random init) | PATH to a state dict")
-    add_device_option(trainer)
-    trainer.add_argument("--no-feature-cache", action="store_true", help="run the frozen backbone on every "
-                         "batch of every epoch, like the original (same results, much slower)")
-    improvements = trainer.add_argument_group("the original's suggested improvements (all off by default)")
-    improvements.add_argument("--backbone", default="resnet50", choices=BACKBONES,
-                              help="torchvision model to fine-tune (default resnet50)")
-    improvements.add_argument("--schedule", default="none", choices=("none", "cosine"),
-                              help="cosine: anneal the learning rate to 0 over the epochs")
-    improvements.add_argument("--augment", action="store_true", help="random crops, small rotations, perspective, "
-                              "brightness/contrast/colour jitter on training images (disables the feature cache)")
-    improvements.add_argument("--flips", action="store_true", help="with --augment, also mirror images; off by "
-                              "default because mirrored text never occurs in real photos of documents")
-    improvements.add_argument("--unfreeze", default="none", choices=UNFREEZE_CHOICES, help="also train the "
-                              "backbone's last stage (layer4 on ResNets) or all of it; BatchNorm keeps its "
-                              "pretrained statistics")
-    improvements.add_argument("--backbone-lr", type=float, help="learning rate of unfrozen backbone layers "
-                              "(default: --lr / 10)")
-    improvements.add_argument("--val-size", type=float, default=0.0, help="carve this fraction of each class's "
-                              "training images out as a validation set and keep the epoch with the lowest "
-                              "validation loss (the test set is never used to choose)")
+    add_train_options(trainer)
 
     predictor = commands.add_parser("predict", help="classify image files or folders with a trained model")
     predictor.set_defaults(command=run_predict)

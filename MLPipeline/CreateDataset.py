@@ -8,7 +8,6 @@ One image's path from disk to the network:
 from __future__ import annotations
 
 import io
-import logging
 import os
 import warnings
 import zlib
@@ -22,19 +21,13 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-log = logging.getLogger("MLPipeline")
+from MLPipeline.Common import UserError, log
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Pre-split layouts, first match wins; folder names are matched case-insensitively.
 PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 megapixels)
 MIN_SIDE = 8  # smaller images carry nothing to classify
-
-
-class UserError(Exception):
-    """A mistake the user can fix: the CLI prints the message and exits with status 2."""
 
 
 class BadImageError(Exception):
@@ -231,6 +224,16 @@ def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, 
         log.warning("warning: skipped %s: %s", path, reason)
     images = [result for result in results if not isinstance(result, str)]
     return (np.stack(images) if images else np.zeros((0, img_size, img_size, 3), np.uint8)), skipped
+
+
+def mark_skipped(index: pd.DataFrame, skipped: dict[str, str]) -> pd.DataFrame:
+    """The index with a `skipped` column: why each file could not be used, "" for the usable ones."""
+    return index.assign(skipped=index.path.map(skipped).fillna(""))
+
+
+def usable(index: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the files that decoded (the order of the decoded images)."""
+    return index[index.skipped == ""]
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

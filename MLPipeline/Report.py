@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
-from MLPipeline.ResNet_Model import save_atomically
+from MLPipeline.Common import save_atomically
 
 
 def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:

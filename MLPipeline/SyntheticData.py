@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from MLPipeline.CreateDataset import UserError, list_images
+from MLPipeline.Common import UserError
+from MLPipeline.CreateDataset import list_images
 
 CLASS_NAMES = ("driving_license", "social_security", "others")
 
@@ -748,7 +749,11 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
         for job in jobs:
             write_sample(job)
     else:
-        # One OpenCV thread per worker: the processes already keep every core busy.
-        with multiprocessing.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+        # One OpenCV thread per worker: the processes already keep every core busy. Workers come from a
+        # fork server, not a fork of this process: a child forked after OpenCV's or torch's thread pools
+        # have run can deadlock on a lock a vanished thread held (seen with cv2.setNumThreads).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
+        with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
             pool.map(write_sample, jobs, chunksize=8)
     return {class_name: per_class for class_name in CLASS_NAMES}

@@ -1,16 +1,14 @@
-"""Training loop, evaluation and prediction, with the frozen-feature cache.
+"""Training: the run's settings, the data it trains on, the loop, and the files a run writes.
 
 With the backbone frozen (the original recipe), every epoch would push every image through the same
-ResNet50 and get the same features. So by default the features are computed once, in large inference
+network and get the same features. So by default the features are computed once, in large inference
 batches, and the head trains on them for all epochs: same batches of 8, same Adam, same numbers, a
-fraction of the time. `cache_features=False` runs the original's full forward pass every batch instead.
+fraction of the time. `feature_cache=False` runs the original's full forward pass every batch instead.
 """
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,143 +17,97 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.CreateDataset import (UserError, build_index, check_data_dir,
-                                      find_presplit, index_folder, list_images, load_images, make_augmenter,
-                                      one_hot, resize, stratified_split, to_model_input)
+from MLPipeline.Common import UserError, autocast, check_output_dir, log, pick_device, progress_reporter
+from MLPipeline.CreateDataset import (build_index, load_images, make_augmenter, mark_skipped, one_hot,
+                                      stratified_split, to_model_input, usable)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
-                                     load_checkpoint, save_checkpoint)
+                                     forward_in_batches, prepare_model, save_checkpoint)
 
-log = logging.getLogger("MLPipeline")
-
-PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 MIN_IMG_SIZE = 32  # the ResNet/VGG stems downsample 32x; smaller inputs vanish
 MAX_IMG_SIZE = 1024  # beyond this a run would only exhaust memory
-# The settings that shaped the weights, recorded in the checkpoint.
-TRAINING_SETTINGS = ("epochs", "batch_size", "lr", "seed", "schedule", "augment", "flips", "unfreeze", "val_size")
+
+
+def option(default, help: str, valid=None, must: str = "", choices: tuple = (), group: str = "",
+           recorded: bool = False):
+    """One training option, defined once: the CLI flag (--name-with-dashes), TrainConfig and the checks follow.
+
+    valid(value) -> bool with `must` saying what the value must be; `recorded` options shaped the weights
+    and are stored in the checkpoint; `group` places the flag in the CLI's help.
+    """
+    return field(default=default, metadata={"help": help, "valid": valid, "must": must, "choices": choices,
+                                            "group": group, "recorded": recorded})
+
+
+IMPROVEMENT = "the original's suggested improvements (all off by default)"
 
 
 @dataclass
 class TrainConfig:
     """A training run's settings; the defaults are the original project's recipe."""
-    data_dir: Path = Path("Data")
-    output_dir: Path = Path("output")
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    img_size: int = 200
-    test_size: float = 0.2
-    seed: int = 42
-    weights: str = "auto"
-    device: str = "auto"
-    arch: str = "resnet50"
-    cache_features: bool = True  # compute a frozen backbone's features once (same results, much faster)
-    inference_batch_size: int = 64
-    # The original's "further improvements", all off by default:
-    schedule: str = "none"  # 'cosine' anneals the learning rate to 0 over the epochs
-    augment: bool = False
-    flips: bool = False  # with augment: mirror images too (mirrored text never occurs in real photos)
-    unfreeze: str = "none"  # 'last' stage of the backbone or 'all' of it, trained at backbone_lr
-    backbone_lr: float | None = None  # default lr / 10
-    val_size: float = 0.0  # > 0: carve a validation split from train and keep the best epoch's weights
+    data_dir: Path = option(Path("Data"), "folder of class sub-folders, or a pre-split pair (train/+test/, "
+                            "train/+val/, Training_data/+Testing_Data/)")
+    output_dir: Path = option(Path("output"), "where model.pt, metrics and plots are written")
+    epochs: int = option(10, "passes over the training images", lambda v: v >= 1, "be at least 1", recorded=True)
+    batch_size: int = option(8, "training batch size", lambda v: v >= 1, "be at least 1", recorded=True)
+    lr: float = option(1e-3, "Adam learning rate of the head", lambda v: v > 0, "be positive", recorded=True)
+    img_size: int = option(200, "images are resized to this many pixels a side",
+                           lambda v: MIN_IMG_SIZE <= v <= MAX_IMG_SIZE,
+                           f"be between {MIN_IMG_SIZE} (the backbone's minimum) and {MAX_IMG_SIZE}")
+    test_size: float = option(0.2, "test fraction of each class", lambda v: 0 < v < 1, "be between 0 and 1")
+    seed: int = option(42, "seed of the split, the head's initial weights and the shuffling", lambda v: v >= 0,
+                       "be 0 or more", recorded=True)
+    weights: str = option("auto", "auto (the backbone's ImageNet weights; when they cannot be had, the "
+                          "pip-installed ImageNet EfficientNet-Lite0 instead, with a warning) | imagenet (the "
+                          "backbone's own, or an error) | none (random init) | PATH to a state dict")
+    device: str = option("auto", "auto uses the GPU when PyTorch sees one", choices=("auto", "cpu", "cuda"))
+    feature_cache: bool = option(True, "compute a frozen backbone's features once and train the head on them "
+                                 "(--no-feature-cache: the full forward pass every batch, like the original; "
+                                 "same results, much slower)")
+    inference_batch_size: int = option(64, "batch size of feature extraction and scoring", lambda v: v >= 1,
+                                       "be at least 1")
+    backbone: str = option("resnet50", "network to fine-tune", choices=BACKBONES, group=IMPROVEMENT)
+    schedule: str = option("none", "cosine: anneal the learning rate to 0 over the epochs",
+                           choices=("none", "cosine"), group=IMPROVEMENT, recorded=True)
+    augment: bool = option(False, "random crops, small rotations, perspective, brightness/contrast/colour "
+                           "jitter on training images (disables the feature cache)", group=IMPROVEMENT,
+                           recorded=True)
+    flips: bool = option(False, "with --augment, also mirror images; off by default because mirrored text never "
+                         "occurs in real photos of documents", group=IMPROVEMENT, recorded=True)
+    unfreeze: str = option("none", "also train the backbone's last stage (layer4 on ResNets) or all of it; "
+                           "BatchNorm keeps its pretrained statistics", choices=UNFREEZE_CHOICES,
+                           group=IMPROVEMENT, recorded=True)
+    backbone_lr: float | None = option(None, "learning rate of unfrozen backbone layers (default: --lr / 10)",
+                                       lambda v: v is None or v > 0, "be positive", group=IMPROVEMENT,
+                                       recorded=True)
+    val_size: float = option(0.0, "carve this fraction of each class's training images out as a validation "
+                             "set and keep the epoch with the lowest validation loss (the test set is never "
+                             "used to choose)", lambda v: 0 <= v < 1, "be 0 (off) or between 0 and 1",
+                             group=IMPROVEMENT, recorded=True)
 
     def check(self) -> None:
         """Raise UserError for settings out of range, before any work is done."""
-        problems = [
-            (self.epochs < 1, f"--epochs must be at least 1, not {self.epochs}"),
-            (self.batch_size < 1, f"--batch-size must be at least 1, not {self.batch_size}"),
-            (not self.lr > 0, f"--lr must be positive, not {self.lr}"),
-            (self.backbone_lr is not None and not self.backbone_lr > 0,
-             f"--backbone-lr must be positive, not {self.backbone_lr}"),
-            (not 0 < self.test_size < 1, f"--test-size must be between 0 and 1, not {self.test_size}"),
-            (not 0 <= self.val_size < 1, f"--val-size must be 0 (off) or between 0 and 1, not {self.val_size}"),
-            (not MIN_IMG_SIZE <= self.img_size <= MAX_IMG_SIZE,
-             f"--img-size must be between {MIN_IMG_SIZE} (the backbone's minimum) and {MAX_IMG_SIZE}, "
-             f"not {self.img_size}"),
-            (self.seed < 0, f"--seed must be 0 or more, not {self.seed}"),
-            (self.inference_batch_size < 1, "inference_batch_size must be at least 1"),
-            (self.arch not in BACKBONES, f"unknown backbone '{self.arch}': choose from {', '.join(BACKBONES)}"),
-            (self.unfreeze not in UNFREEZE_CHOICES, f"--unfreeze must be one of {', '.join(UNFREEZE_CHOICES)}"),
-            (self.schedule not in ("none", "cosine"), f"--schedule must be none or cosine, not {self.schedule}"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise UserError(message)
+        for option_field in fields(self):
+            value, rules = getattr(self, option_field.name), option_field.metadata
+            flag = "--" + option_field.name.replace("_", "-")
+            if rules["valid"] and not rules["valid"](value):
+                raise UserError(f"{flag} must {rules['must']}, not {value}")
+            if rules["choices"] and value not in rules["choices"]:
+                raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
         pick_device(self.device)
         check_output_dir(self.output_dir)
 
-
-def check_output_dir(output_dir: Path) -> None:
-    """An output folder may not exist yet, but must not be a file: checked before any work is done."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"output folder {output_dir} is a file; choose a folder with --output-dir")
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' = the GPU when there is one; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return torch.device(name)
-
-
-def progress_reporter(label: str, total: int) -> Callable[[int], None]:
-    """A callback that logs 'label: done/total' at most every PROGRESS_SECONDS."""
-    start = last = time.perf_counter()
-
-    def update(done: int) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if now - last >= PROGRESS_SECONDS and done < total:
-            log.info("  %s: %d/%d (%.1f images/s)", label, done, total, done / (now - start))
-            last = now
-    return update
-
-
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16 where the GPU has it, else fp16); a no-op on the CPU."""
-    on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype, enabled=on_cuda)
-
-
-def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
-                       batch_size: int, label: str = "forward") -> torch.Tensor:
-    """Run uint8 N x H x W x 3 images through `network` (a model in eval mode, or its `features`); float32
-    outputs on the device.
-
-    On CUDA: pinned memory, non-blocking copies, channels_last and mixed precision.
-    Returns an inference tensor: `.clone()` it before using it to train.
-    """
-    on_cuda = device.type == "cuda"
-    source = torch.from_numpy(images)
-    if on_cuda:
-        source = source.pin_memory()
-    outputs, update = [], progress_reporter(label, len(images))
-    with torch.inference_mode(), autocast(device):
-        for start in range(0, len(images), batch_size):
-            batch = to_model_input(source[start:start + batch_size].to(device, non_blocking=True))
-            if on_cuda:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            outputs.append(network(batch).float())
-            update(start + batch_size)
-    return torch.cat(outputs)
-
-
-def prepare_model(model: Classifier, device: torch.device) -> Classifier:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        return model.to(device, memory_format=torch.channels_last)
-    return model.to(device)
+    def recorded_settings(self) -> dict:
+        """The settings that shaped the weights, as stored in the checkpoint."""
+        return {option_field.name: getattr(self, option_field.name) for option_field in fields(self)
+                if option_field.metadata["recorded"]}
 
 
 @dataclass
 class Split:
-    """One split's decoded images (N x S x S x 3 uint8, in memory for the run) and class indices."""
+    """One split's decoded images (N x S x S x 3 uint8) and class indices; `features` once computed."""
     images: np.ndarray
     labels: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFrame, list[str], dict[str, Split]]:
@@ -168,8 +120,8 @@ def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFram
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
     classes = sorted(index.label.unique())
     images, skipped = load_images(index.path.tolist(), config.img_size)
-    index["skipped"] = index.path.map(skipped)
-    used = index[index.skipped.isna()]
+    index = mark_skipped(index, skipped)
+    used = usable(index)
     check_enough_left(used, classes, config.val_size > 0)
     split_of = used.split.to_numpy()
     labels = torch.tensor(used.label.map(classes.index).to_numpy(), device=device)
@@ -193,43 +145,22 @@ def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -
         log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
 
 
-def uses_feature_cache(config: TrainConfig, model: Classifier) -> bool:
-    return config.cache_features and model.frozen and not config.augment
+def compute_features(model: Classifier, splits: dict[str, Split], config: TrainConfig,
+                     device: torch.device) -> None:
+    """A frozen backbone gives each image the same features in every epoch: compute them once per split."""
+    model.eval()
+    for name, split in splits.items():
+        split.features = forward_in_batches(model.features, split.images, device, config.inference_batch_size,
+                                            label=f"features ({name})").clone()  # a normal tensor, to train on
 
 
-def logit_functions(model: Classifier, splits: dict[str, Split], config: TrainConfig, device: torch.device):
-    """(train_logits(batch indices), split_logits(split name)) for fit().
-
-    With the feature cache, both read the head's input from features computed once here; otherwise the
-    full network runs on every batch (with augmentation, if asked for).
-    """
-    if uses_feature_cache(config, model):
-        model.eval()
-        features = {name: forward_in_batches(model.features, split.images, device, config.inference_batch_size,
-                                             label=f"features ({name})").clone()  # a normal tensor, to train on
-                    for name, split in splits.items()}
-
-        def train_logits(batch: torch.Tensor) -> torch.Tensor:
-            return model.head(features["train"][batch.to(device)])
-
-        def split_logits(name: str) -> torch.Tensor:
-            with torch.no_grad():
-                return model.head(features[name])
-        return train_logits, split_logits
-
-    augment = make_augmenter(config.img_size, config.flips) if config.augment else None
-    train_images = torch.from_numpy(splits["train"].images)
-
-    def train_logits(batch: torch.Tensor) -> torch.Tensor:
-        batch_images = augment(train_images[batch]) if augment else train_images[batch]
-        inputs = to_model_input(batch_images.to(device, non_blocking=True))
-        with autocast(device):
-            return model(inputs).float()
-
-    def split_logits(name: str) -> torch.Tensor:  # batches of the training size, as the original evaluated
-        model.eval()
-        return forward_in_batches(model, splits[name].images, device, config.batch_size, label=name).clone()
-    return train_logits, split_logits
+def split_logits(model: Classifier, split: Split, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """The model's logits for every image of a split, in eval mode."""
+    model.eval()
+    if split.features is not None:
+        with torch.no_grad():
+            return model.head(split.features)
+    return forward_in_batches(model, split.images, device, config.inference_batch_size, label="scoring").clone()
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -238,53 +169,89 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def fit(model: Classifier, train_logits: Callable[[torch.Tensor], torch.Tensor],
-        split_logits: Callable[[str], torch.Tensor], splits: dict[str, Split], config: TrainConfig,
-        ) -> tuple[list[dict], int]:
-    """The training loop: Adam, cross-entropy on one-hot targets, shuffled batches, one line per epoch.
+def train_one_epoch(model: Classifier, train: Split, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    device: torch.device, shuffle: torch.Generator, augment=None, label: str = "") -> float:
+    """One pass over the training split in shuffled batches; returns the mean training loss."""
+    model.train()
+    # Batches are drawn as index lists from one seeded generator, so the feature-cache path and the
+    # full-forward path see exactly the same batches and their results can be compared.
+    order, loss_sum = torch.randperm(len(train.labels), generator=shuffle), 0.0
+    update = progress_reporter(label, len(order))
+    for first in range(0, len(order), config.batch_size):
+        batch = order[first:first + config.batch_size]
+        if train.features is not None:  # frozen backbone: the head reads the features computed once
+            logits = model.head(train.features[batch.to(device)])
+        else:  # the whole network runs on the (augmented) images, as in the original
+            images = torch.from_numpy(train.images[batch.numpy()])
+            images = to_model_input((augment(images) if augment else images).to(device, non_blocking=True))
+            with autocast(device, training=True):
+                logits = model(images).float()
+        loss = F.cross_entropy(logits, one_hot(train.labels[batch.to(device)], model.head.out_features))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(batch)
+        update(first + len(batch))
+    return loss_sum / len(order)
 
-    With a validation split, the weights of the epoch with the lowest validation loss are restored at the
-    end; the test split is reported every epoch but never used to choose anything.
-    Returns the per-epoch history and the epoch whose weights the model ends with.
-    """
+
+def make_optimizer(model: Classifier, config: TrainConfig):
+    """Adam for the head at lr and for unfrozen backbone layers at backbone_lr; the optional cosine schedule."""
     backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": model.head.parameters(), "lr": config.lr},
                                   {"params": backbone_parameters, "lr": config.backbone_lr or config.lr / 10}])
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                  if config.schedule == "cosine" else None)
+    return optimizer, scheduler
+
+
+def fit(model: Classifier, splits: dict[str, Split], config: TrainConfig, device: torch.device,
+        ) -> tuple[list[dict], int]:
+    """The training loop: one line per epoch with train loss and each held-out split's loss and accuracy.
+
+    With a validation split, the weights of the epoch with the lowest validation loss are restored at the
+    end; the test split is reported every epoch but never used to choose anything.
+    Returns the per-epoch history and the epoch whose weights the model ends with.
+    """
+    optimizer, scheduler = make_optimizer(model, config)
+    augment = make_augmenter(config.img_size, config.flips) if config.augment else None
     shuffle = torch.Generator().manual_seed(config.seed)
-    train_labels, num_classes = splits["train"].labels, model.head.out_features
-    history, start = [], time.perf_counter()
-    best_loss, best_epoch, best_weights = float("inf"), config.epochs, None
+    held_out = [name for name in ("val", "test") if name in splits]
+    history, start, best = [], time.perf_counter(), BestEpoch()
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        order, loss_sum = torch.randperm(len(train_labels), generator=shuffle), 0.0
-        update = progress_reporter(f"epoch {epoch} training", len(order))
-        for first in range(0, len(order), config.batch_size):
-            batch = order[first:first + config.batch_size]
-            loss = F.cross_entropy(train_logits(batch), one_hot(train_labels[batch], num_classes))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(batch)
-            update(first + len(batch))
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / len(order)}
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row["train_loss"] = train_one_epoch(model, splits["train"], optimizer, config, device, shuffle, augment,
+                                            label=f"epoch {epoch} training")
         if scheduler:
             scheduler.step()
-        line = f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.4f}"
-        for name in ("val", "test") if "val" in splits else ("test",):
-            row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(split_logits(name), splits[name].labels)
-            line += f"  {name} loss {row[f'{name}_loss']:.4f}  {name} accuracy {100 * row[f'{name}_accuracy']:.2f}%"
-        if "val" in splits and row["val_loss"] < best_loss:
-            best_loss, best_epoch = row["val_loss"], epoch
-            best_weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        for name in held_out:
+            logits = split_logits(model, splits[name], config, device)
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(logits, splits[name].labels)
+        if "val" in splits:
+            best.update(epoch, row["val_loss"], model)
         row["elapsed_s"] = round(time.perf_counter() - start, 2)
         history.append(row)
-        log.info("%s  %.1fs", line, row["elapsed_s"])
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
-        log.info("kept the weights of epoch %d (lowest validation loss)", best_epoch)
-    return history, best_epoch
+        log.info("epoch %d/%d  train loss %.4f%s  %.1fs", epoch, config.epochs, row["train_loss"],
+                 "".join(f"  {name} loss {row[f'{name}_loss']:.4f}  {name} accuracy "
+                         f"{100 * row[f'{name}_accuracy']:.2f}%" for name in held_out), row["elapsed_s"])
+    return history, best.restore(model) if "val" in splits else config.epochs
+
+
+class BestEpoch:
+    """The weights of the epoch with the lowest validation loss seen so far."""
+
+    def __init__(self):
+        self.loss, self.epoch, self.weights = float("inf"), 0, None
+
+    def update(self, epoch: int, val_loss: float, model: Classifier) -> None:
+        if val_loss < self.loss:
+            self.loss, self.epoch = val_loss, epoch
+            self.weights = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+    def restore(self, model: Classifier) -> int:
+        model.load_state_dict(self.weights)
+        log.info("kept the weights of epoch %d (lowest validation loss)", self.epoch)
+        return self.epoch
 
 
 @dataclass
@@ -306,17 +273,17 @@ def train(config: TrainConfig) -> TrainingRun:
     timings = {"decode_s": time.perf_counter() - started}
 
     torch.manual_seed(config.seed)  # the head's initial weights
-    model, provenance = build_model(len(classes), config.arch, config.weights, config.unfreeze)
+    model, provenance = build_model(len(classes), config.backbone, config.weights, config.unfreeze)
     model = prepare_model(model, device)
-    phase = time.perf_counter()
-    train_logits, split_logits = logit_functions(model, splits, config, device)
-    if uses_feature_cache(config, model):
+    if config.feature_cache and model.frozen and not config.augment:
+        phase = time.perf_counter()
+        compute_features(model, splits, config, device)
         timings["features_s"] = time.perf_counter() - phase
 
     phase = time.perf_counter()
-    history, best_epoch = fit(model, train_logits, split_logits, splits, config)
+    history, best_epoch = fit(model, splits, config, device)
     timings["train_s"] = time.perf_counter() - phase
-    test_logits = split_logits("test").cpu()
+    test_logits = split_logits(model, splits["test"], config, device).cpu()
     timings["total_s"] = time.perf_counter() - started
 
     test_labels = splits["test"].labels.cpu()
@@ -330,24 +297,22 @@ def train(config: TrainConfig) -> TrainingRun:
         **{key: value for key, value in report.items() if key != "accuracy"},
         "timings_s": {key: round(value, 2) for key, value in timings.items()},
     }
-    training_settings = {key: settings[key] for key in TRAINING_SETTINGS}
     checkpoint = checkpoint_dict(model, classes, config.img_size, provenance,
-                                 extra={"training": training_settings})
+                                 extra={"training": config.recorded_settings()})
     write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
     log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * report["accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["arch"],
-             provenance["weights_source"],
-             config.output_dir)
-    test_paths = index.path[(index.split == "test") & index.skipped.isna()].tolist()
+             provenance["weights_source"], config.output_dir)
+    test_paths = usable(index).query("split == 'test'").path.tolist()
     return TrainingRun(model, classes, metrics, test_paths, test_logits)
 
 
 def dataset_summary(index: pd.DataFrame) -> dict:
     """Images used per class and split, and the files skipped with their reasons."""
-    used, skipped = index[index.skipped.isna()], index[index.skipped.notna()]
+    skipped = index[index.skipped != ""]
     return {"classes": sorted(index.label.unique()),
             "counts": {label: rows.split.value_counts().sort_index().to_dict()
-                       for label, rows in used.groupby("label")},
+                       for label, rows in usable(index).groupby("label")},
             "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))}
 
 
@@ -361,105 +326,3 @@ def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict,
     Report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["classes"],
                                  output_dir / "confusion_matrix.png")
     save_checkpoint(output_dir / "model.pt", checkpoint)
-
-
-@dataclass
-class TrainedModel:
-    """A checkpoint loaded for prediction: the network and how its inputs must be prepared."""
-    network: Classifier
-    classes: list[str]
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    device: torch.device
-    info: dict  # the checkpoint's fields other than the weights
-
-
-def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> TrainedModel:
-    """Load a trained checkpoint once, ready for predict(); refuses files that are not ours."""
-    network, checkpoint = load_checkpoint(Path(path))
-    target = pick_device(device)
-    info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
-    return TrainedModel(prepare_model(network, target), checkpoint["classes"], checkpoint["img_size"],
-                        tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info)
-
-
-def expand_inputs(inputs: list) -> list:
-    """Folders become the image files under them (recursively); files and arrays pass through."""
-    expanded = []
-    for item in inputs:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
-            expanded += [str(path) for path in list_images(Path(item))]
-        else:
-            expanded.append(item)
-    return expanded
-
-
-def predict_logits(model: TrainedModel, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
-    return forward_in_batches(model.network, images, model.device, batch_size, label="predict").cpu()
-
-
-def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
-    """Classify image paths, folders or RGB uint8 arrays; one row per image.
-
-    Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
-    otherwise why the input could not be classified, and the other columns are empty).
-    Files are decoded by load_images, exactly as in training.
-    """
-    items = expand_inputs(inputs)
-    decoded, skipped = load_images([str(item) for item in items if not isinstance(item, np.ndarray)],
-                                   model.img_size)
-    next_decoded = iter(decoded)
-    rows, images = [], []
-    for position, item in enumerate(items):
-        if not isinstance(item, np.ndarray):
-            error = skipped.get(str(item), "")
-            image = None if error else next(next_decoded)
-        elif item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            error, image = f"arrays must be H x W x 3 uint8 RGB, not {item.shape} {item.dtype}", None
-        else:
-            error, image = "", resize(item, model.img_size)
-        rows.append({"input": f"array[{position}]" if isinstance(item, np.ndarray) else str(item), "error": error})
-        if image is not None:
-            images.append(image)
-    results = pd.DataFrame(rows, columns=["input", "error"])
-    ok = results.error == ""
-    if images:
-        probabilities = predict_logits(model, np.stack(images), batch_size).softmax(1).numpy()
-        results.loc[ok, "label"] = [model.classes[i] for i in probabilities.argmax(1)]
-        results.loc[ok, "confidence"] = probabilities.max(1)
-        for column, name in enumerate(model.classes):
-            results.loc[ok, f"p_{name}"] = probabilities[:, column]
-    columns = ["input", "label", "confidence", *[f"p_{name}" for name in model.classes], "error"]
-    return results.reindex(columns=columns)
-
-
-def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
-    """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
-    check_data_dir(data_dir)
-    check_output_dir(output_dir)
-    presplit = find_presplit(Path(data_dir))  # a pre-split folder is scored on its test part
-    index = index_folder(presplit[1] if presplit else Path(data_dir))
-    if index.empty:
-        raise UserError(f"no images found in class sub-folders of {data_dir}")
-    unknown = sorted(set(index.label) - set(model.classes))
-    if unknown:
-        log.warning("warning: the model does not know class(es) %s (it knows %s); their %d image(s) are left out",
-                    ", ".join(unknown), ", ".join(model.classes), index.label.isin(unknown).sum())
-        index = index[~index.label.isin(unknown)].reset_index(drop=True)
-        if index.empty:
-            raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
-    images, skipped = load_images(index.path.tolist(), model.img_size)
-    index = index[~index.path.isin(skipped)].reset_index(drop=True)
-    if index.empty:
-        raise UserError(f"no readable images in {data_dir}")
-    true_labels = index.label.map(model.classes.index).to_numpy()
-    probabilities = predict_logits(model, images).softmax(1).numpy()
-    predicted = probabilities.argmax(1)
-    report = Report.classification_report(true_labels, predicted, model.classes)
-    report.update(unknown_classes=unknown, skipped=skipped, images=len(index), model_info={
-        key: model.info[key] for key in ("arch", "weights_source", "pretrained", "created_utc")})
-    Report.write_evaluation(Path(output_dir), report, index.assign(predicted=[model.classes[i] for i in predicted],
-                                                                    confidence=probabilities.max(1)), images)
-    return report

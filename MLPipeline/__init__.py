@@ -5,9 +5,11 @@
     model = load_model("output/model.pt")
     results = predict(model, ["a.jpg", "b.png"])
 """
-from MLPipeline.CreateDataset import UserError, build_index, load_image, load_images
+from MLPipeline.Common import UserError
+from MLPipeline.CreateDataset import build_index, load_image, load_images
+from MLPipeline.Predict import TrainedModel, evaluate, load_model, predict
 from MLPipeline.ResNet_Model import build_model, load_checkpoint, save_checkpoint
-from MLPipeline.Train import TrainConfig, TrainedModel, TrainingRun, evaluate, load_model, predict, train
+from MLPipeline.Train import TrainConfig, TrainingRun, train
 
 __all__ = ["UserError", "build_index", "load_image", "load_images", "build_model", "load_checkpoint",
            "save_checkpoint", "TrainConfig", "TrainedModel", "TrainingRun", "evaluate", "load_model", "predict",

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MLPipeline.CreateDataset import list_images, load_images, read_image, resize  # noqa: E402
 from MLPipeline.SyntheticData import make_demo_data  # noqa: E402
-from MLPipeline.Train import TrainConfig, pick_device, train  # noqa: E402
+from MLPipeline.Common import pick_device  # noqa: E402
+from MLPipeline.Train import TrainConfig, train  # noqa: E402
 
 
 def decode_original_way(paths: list[Path], img_size: int) -> np.ndarray:
@@ -67,7 +68,7 @@ def main() -> None:
         for name, cache in (("original loop", False), ("feature cache", True)):
             config = TrainConfig(data_dir=data_dir, output_dir=Path(scratch) / name.replace(" ", "_"),
                                  epochs=args.epochs, img_size=args.img_size, weights=args.weights,
-                                 device=args.device, cache_features=cache)
+                                 device=args.device, feature_cache=cache)
             run, seconds = timed(train, config)
             rows.append((name, seconds, len(paths) * args.epochs / seconds, run.metrics["test_accuracy"],
                          run.metrics["pretrained"]))

@@ -20,7 +20,7 @@ def fast_config(data_dir, output_dir, **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg16", "efficientnet_b0", "convnext_tiny"])
 def test_each_backbone_family_trains_saves_and_predicts(arch, tiny_data, tmp_path):
-    run = train(fast_config(tiny_data, tmp_path, arch=arch))
+    run = train(fast_config(tiny_data, tmp_path, backbone=arch))
     model = load_model(tmp_path / "model.pt", device="cpu")
     assert model.info["arch"] == arch and model.info["head"]["out_features"] == 3
     assert isinstance(model.network.head, torch.nn.Linear)
@@ -50,7 +50,7 @@ def test_unfreeze_trains_the_chosen_layers_at_a_lower_rate_and_keeps_batchnorm_s
         unfreeze, layer1_changes, tiny_data, tmp_path):
     torch.manual_seed(42)  # train() seeds the same way, so this is the model it starts from
     initial, _ = build_model(3, "resnet18", "none", unfreeze)
-    run = train(fast_config(tiny_data, tmp_path, arch="resnet18", unfreeze=unfreeze))
+    run = train(fast_config(tiny_data, tmp_path, backbone="resnet18", unfreeze=unfreeze))
     trained = run.model.backbone
     changed = lambda name: not torch.equal(initial.backbone.get_parameter(name), trained.get_parameter(name))  # noqa: E731
     assert changed("layer4.1.conv2.weight")

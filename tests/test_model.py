@@ -16,14 +16,13 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.CreateDataset import UserError
+from MLPipeline.Common import UserError, save_atomically
 from MLPipeline.ResNet_Model import (
-    CHECKPOINT_KEYS,
+    CheckpointInfo,
     build_model,
     checkpoint_dict,
     load_checkpoint,
     resolve_weights,
-    save_atomically,
     save_checkpoint,
 )
 
@@ -311,7 +310,7 @@ def test_checkpoint_round_trip(saved):
 def test_checkpoint_is_plain_data(saved):
     path, _, classes = saved
     raw = torch.load(path, weights_only=True)
-    assert set(CHECKPOINT_KEYS) <= raw.keys()
+    assert {"state_dict", *CheckpointInfo.__dataclass_fields__} <= raw.keys()
     assert plain_values_only(raw)
     assert raw["classes"] == classes
     assert raw["head"]["out_features"] == len(classes)

@@ -14,7 +14,7 @@ import torch
 
 import engine
 from MLPipeline import Report, TrainConfig, load_model, predict, train
-from MLPipeline.Train import evaluate
+from MLPipeline.Predict import evaluate
 from tests.conftest import FAST, ROOT, make_image_folder, run_engine
 
 OUTPUTS = ("model.pt", "metrics.json", "history.csv", "loss_curve.png", "confusion_matrix.png", "split.csv")
@@ -74,7 +74,7 @@ def test_plain_engine_run_generates_demo_data_when_data_is_empty(tmp_path, monke
 
 def test_feature_cache_gives_the_same_numbers_as_the_full_forward_path(tiny_data, tmp_path):
     cached = train(fast_config(tiny_data, tmp_path / "cached", epochs=3))
-    uncached = train(fast_config(tiny_data, tmp_path / "uncached", epochs=3, cache_features=False))
+    uncached = train(fast_config(tiny_data, tmp_path / "uncached", epochs=3, feature_cache=False))
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert [row[key] for row in cached.metrics["history"]] == pytest.approx(
             [row[key] for row in uncached.metrics["history"]], rel=1e-4, abs=1e-5)
@@ -85,7 +85,7 @@ def test_feature_cache_gives_the_same_numbers_as_the_full_forward_path(tiny_data
 def test_fresh_process_reproduces_the_logits_of_training(trained):
     run, output_dir = trained
     script = ("import json, sys; from MLPipeline import load_model, load_images; "
-              "from MLPipeline.Train import predict_logits; "
+              "from MLPipeline.Predict import predict_logits; "
               "model = load_model(sys.argv[1], device='cpu'); paths = json.loads(sys.argv[2]); "
               "print(json.dumps(predict_logits(model, load_images(paths, model.img_size)[0]).tolist()))")
     result = subprocess.run([sys.executable, "-c", script, str(output_dir / "model.pt"), json.dumps(run.test_paths)],

@@ -112,7 +112,7 @@ def demo_data(tmp_path_factory):
 
 
 def demo_config(demo_data, output_dir, weights: str) -> TrainConfig:
-    return TrainConfig(data_dir=demo_data, output_dir=output_dir, weights=weights, arch=PIP_BACKBONE,
+    return TrainConfig(data_dir=demo_data, output_dir=output_dir, weights=weights, backbone=PIP_BACKBONE,
                        test_size=0.3)  # otherwise the original recipe: 200 px, 10 epochs, Adam 1e-3, batches of 8
 
 
