@@ -1,7 +1,8 @@
-"""Command line: train (the default), predict, evaluate, make-demo-data.
+"""Command line: train (the default), predict, evaluate, export, make-demo-data.
 
     python engine.py                      # train with the original's settings on Data/
     python engine.py predict photo.jpg    # classify images with output/model.pt
+    python engine.py export               # output/model.onnx, for ONNX Runtime in any language
     python engine.py --help               # every command and option
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from MLPipeline import Report
 from MLPipeline.Common import UserError
+from MLPipeline.Export import FORMATS, export_model
 from MLPipeline.Predict import evaluate, load_model, predict
 from MLPipeline.SyntheticData import make_demo_data
 from MLPipeline.Train import TrainConfig, train
@@ -26,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
 DEFAULT_OUTPUT_DIR = HERE / "output"
 DEFAULT_MODEL = DEFAULT_OUTPUT_DIR / "model.pt"
-COMMANDS = ("train", "predict", "evaluate", "make-demo-data")
+COMMANDS = ("train", "predict", "evaluate", "export", "make-demo-data")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -73,6 +75,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"(model backbone {'pretrained' if model.info['pretrained'] else 'NOT pretrained'})")
     print(pd.DataFrame(report["per_class"]).to_string(index=False, float_format="%.3f"))
     print(f"outputs in {args.output_dir}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export_model(args.model, args.format, args.out)
+    print(f"wrote {out}: uint8 RGB images in, logits out; classes, image size and normalisation in its metadata "
+          f"(README: Export and deploy)")
     return 0
 
 
@@ -139,6 +148,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
     add_device_option(evaluator)
 
+    exporter = commands.add_parser("export", help="write the trained model as ONNX (or torch.export .pt2) for use "
+                                   "without this project")
+    exporter.set_defaults(command=run_export)
+    exporter.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    exporter.add_argument("--format", choices=FORMATS, default="onnx",
+                          help="onnx (default; ONNX Runtime, any language) or pt2 (torch.export.load)")
+    exporter.add_argument("--out", type=Path, help="file to write (default: next to --model, with the format's "
+                          "suffix)")
+
     demo = commands.add_parser("make-demo-data", help="write the synthetic demo dataset of fake documents")
     demo.set_defaults(command=run_make_demo_data)
     demo.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR)
@@ -158,6 +176,7 @@ def setup_logging() -> None:
     """Progress lines to stdout, warnings to stderr, both as bare messages.
 
     OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
+    So are the ONNX exporter's notes on each of its passes: export says what it checked and wrote.
     """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     to_stdout = logging.StreamHandler(sys.stdout)
@@ -165,6 +184,8 @@ def setup_logging() -> None:
     to_stderr = logging.StreamHandler(sys.stderr)
     to_stderr.setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr], force=True)
+    for talkative in ("onnxscript", "onnx_ir"):
+        logging.getLogger(talkative).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

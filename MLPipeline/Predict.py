@@ -12,6 +12,7 @@ from MLPipeline import Report
 from MLPipeline.Common import UserError, check_output_dir, log, pick_device
 from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, load_images,
                                       mark_skipped, resize, usable)
+from MLPipeline.Export import OnnxModel, load_onnx_model
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches, load_checkpoint, prepare_model
 
 
@@ -26,10 +27,23 @@ class TrainedModel:
     device: torch.device
     info: dict  # the checkpoint's fields other than the weights
 
+    def logits(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
+        return forward_in_batches(self.network, images, self.device, batch_size, label="predict").cpu()
 
-def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> TrainedModel:
-    """Load a trained checkpoint once, ready for predict(); refuses files that are not ours."""
-    network, checkpoint = load_checkpoint(Path(path))
+
+def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> TrainedModel | OnnxModel:
+    """Load a trained checkpoint, or an .onnx file exported from one, once, ready for predict() and evaluate().
+
+    Refuses files that are not ours.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return load_onnx_model(path, device)
+    if path.suffix.lower() == ".pt2":
+        raise UserError(f"{path} is a torch.export program: load it with torch.export.load; predict and evaluate "
+                        f"take model.pt or an exported .onnx file")
+    network, checkpoint = load_checkpoint(path)
     target = pick_device(device)
     info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
     return TrainedModel(prepare_model(network, target), checkpoint["classes"], checkpoint["img_size"],
@@ -47,12 +61,7 @@ def expand_inputs(inputs: list) -> list:
     return expanded
 
 
-def predict_logits(model: TrainedModel, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
-    return forward_in_batches(model.network, images, model.device, batch_size, label="predict").cpu()
-
-
-def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
+def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
@@ -78,7 +87,7 @@ def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataF
     results = pd.DataFrame(rows, columns=["input", "error"])
     ok = results.error == ""
     if images:
-        probabilities = predict_logits(model, np.stack(images), batch_size).softmax(1).numpy()
+        probabilities = model.logits(np.stack(images), batch_size).softmax(1).numpy()
         results.loc[ok, "label"] = [model.classes[i] for i in probabilities.argmax(1)]
         results.loc[ok, "confidence"] = probabilities.max(1)
         for column, name in enumerate(model.classes):
@@ -87,7 +96,7 @@ def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataF
     return results.reindex(columns=columns)
 
 
-def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
+def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
     check_data_dir(data_dir)
     check_output_dir(output_dir)
@@ -107,7 +116,7 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
     if index.empty:
         raise UserError(f"no readable images in {data_dir}")
     true_labels = index.label.map(model.classes.index).to_numpy()
-    probabilities = predict_logits(model, images).softmax(1).numpy()
+    probabilities = model.logits(images).softmax(1).numpy()
     predicted = probabilities.argmax(1)
     report = Report.classification_report(true_labels, predicted, model.classes)
     report.update(unknown_classes=unknown, skipped=skipped, images=len(index), model_info={

@@ -276,13 +276,18 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
     save_atomically(path, lambda temp_name: torch.save(checkpoint, temp_name))
 
 
+def check_model_file(path: Path, how_to_make_one: str) -> None:
+    """A model file must be a file that exists; the message says how to get one."""
+    if path.is_dir():
+        raise UserError(f"model file {path} is a folder; pass the file itself")
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist: {how_to_make_one}")
+
+
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     """Rebuild the trained model from a checkpoint file; returns (model in eval mode on CPU, checkpoint)."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"model file {path} is a folder; pass the .pt file itself")
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist: train one first with `python engine.py`")
+    check_model_file(path, "train one first with `python engine.py`")
     checkpoint = safe_torch_load(path, "model file")
     missing = [key for key in ("state_dict", *(field.name for field in fields(CheckpointInfo)))
                if key not in checkpoint]

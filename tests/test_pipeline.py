@@ -85,9 +85,8 @@ def test_feature_cache_gives_the_same_numbers_as_the_full_forward_path(tiny_data
 def test_fresh_process_reproduces_the_logits_of_training(trained):
     run, output_dir = trained
     script = ("import json, sys; from MLPipeline import load_model, load_images; "
-              "from MLPipeline.Predict import predict_logits; "
               "model = load_model(sys.argv[1], device='cpu'); paths = json.loads(sys.argv[2]); "
-              "print(json.dumps(predict_logits(model, load_images(paths, model.img_size)[0]).tolist()))")
+              "print(json.dumps(model.logits(load_images(paths, model.img_size)[0]).tolist()))")
     result = subprocess.run([sys.executable, "-c", script, str(output_dir / "model.pt"), json.dumps(run.test_paths)],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     torch.testing.assert_close(torch.tensor(json.loads(result.stdout)), run.test_logits, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,154 @@
+"""Take a trained model elsewhere: export it to ONNX or torch.export (.pt2), and run an .onnx file.
+
+The exported graph takes what any image decoder gives: uint8 RGB images, N x img_size x img_size x 3 for any
+N; it scales them to [0, 1] and normalises them inside, and returns float32 logits, N x classes. So a user in
+another language only decodes, resizes and stacks. What they need to know (classes, img_size, mean, std,
+arch, where the weights came from) travels in the file: every checkpoint field but the weights, each value
+JSON-encoded, in the ONNX model's metadata_props, or in the .pt2 archive's extra file metadata.json.
+
+onnxruntime is imported inside the functions that need it: importing MLPipeline stays light.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from MLPipeline.Common import UserError, log, progress_reporter, save_atomically
+from MLPipeline.CreateDataset import to_model_input
+from MLPipeline.ResNet_Model import Classifier, check_model_file, load_checkpoint
+
+FORMATS = ("onnx", "pt2")
+EXPORT_FORMAT = "doc-classifier-export/1"  # marks a file as exported by this project
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+METADATA_FILE = "metadata.json"  # the .pt2 archive's extra file
+USAGE = ("input 'images': uint8 RGB, N x img_size x img_size x 3 (resized without keeping the aspect ratio, "
+         "OpenCV INTER_AREA); scaling and normalisation are inside. Output 'logits': float32, N x classes, "
+         "in the order of 'classes'; softmax gives probabilities.")
+TOLERANCE = 1e-4  # largest difference from PyTorch's logits allowed, relative to the logits' size (at least 1)
+
+
+class Uint8Classifier(nn.Module):
+    """The classifier behind the decoder: uint8 N x H x W x 3 RGB in, logits out (what gets exported)."""
+
+    def __init__(self, network: Classifier):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(to_model_input(images))
+
+
+def export_model(model_path: Path, file_format: str = "onnx", out: Path | None = None) -> Path:
+    """Export a checkpoint to `out` (default: next to it, with the format's suffix); returns the path written.
+
+    The file is written atomically, and only after the written file, loaded the way a user would load it,
+    gave PyTorch's logits on a sample batch.
+    """
+    if file_format not in FORMATS:
+        raise UserError(f"unknown export format '{file_format}': choose from {', '.join(FORMATS)}")
+    model_path = Path(model_path)
+    out = Path(out) if out else model_path.with_suffix(f".{file_format}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as model.{file_format}")
+    if out.resolve() == model_path.resolve():
+        raise UserError(f"--out {out} is the model file itself; give another name, such as model.{file_format}")
+    network, checkpoint = load_checkpoint(model_path)
+    model = Uint8Classifier(network).eval()
+    example = torch.zeros(2, checkpoint["img_size"], checkpoint["img_size"], 3, dtype=torch.uint8)
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())  # 2: 1 would fix the size
+    metadata = {key: json.dumps(value) for key, value in checkpoint.items() if key != "state_dict"}
+    metadata.update(export_format=json.dumps(EXPORT_FORMAT), usage=json.dumps(USAGE))
+    save_atomically(out, lambda temp_name: write_verified(temp_name, file_format, program, metadata, model,
+                                                          checkpoint["img_size"]))
+    return out
+
+
+def dynamic_batch() -> dict:
+    """The input's first dimension (the batch) may be any size; the name shows in the ONNX file."""
+    return {INPUT_NAME: {0: torch.export.Dim("batch", min=1)}}
+
+
+def write_verified(path: str, file_format: str, program: torch.export.ExportedProgram, metadata: dict[str, str],
+                   model: Uint8Classifier, img_size: int) -> None:
+    """Write the file, load it back as a user would, and check that it gives the model's logits."""
+    if file_format == "onnx":
+        write_onnx(program, metadata, path)
+        verify(model, load_onnx_model(Path(path), "cpu").logits, img_size)
+        return
+    write_pt2(program, metadata, path)
+    with open(path, "rb") as file:
+        exported = torch.export.load(file).module()
+    verify(model, lambda images: exported(torch.from_numpy(images)), img_size)
+
+
+def write_onnx(program: torch.export.ExportedProgram, metadata: dict[str, str], path: str) -> None:
+    # The dynamo exporter, from the same torch.export program as .pt2: one trace for both formats. It needs
+    # onnx and onnxscript; the classic TorchScript exporter is deprecated.
+    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch())
+    onnx_program.model.metadata_props.update(metadata)
+    onnx_program.model.doc_string = USAGE
+    onnx_program.save(path)
+
+
+def write_pt2(program: torch.export.ExportedProgram, metadata: dict[str, str], path: str) -> None:
+    with open(path, "wb") as file:  # a file object: torch.export.save warns about names not ending in .pt2
+        torch.export.save(program, file, extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def verify(model: Uint8Classifier, run: Callable[[np.ndarray], torch.Tensor], img_size: int) -> None:
+    """Refuse an export whose logits differ from PyTorch's on a batch of 3 random images (not the traced 2)."""
+    images = np.random.default_rng(0).integers(0, 256, (3, img_size, img_size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(images))
+        difference = (run(images) - expected).abs().max().item()
+    allowed = TOLERANCE * max(1.0, expected.abs().max().item())
+    if difference > allowed:
+        raise RuntimeError(f"the exported model's logits differ from PyTorch's by {difference:.3g} "
+                           f"(allowed {allowed:.3g}); nothing was written")
+    log.info("verified: the exported model gives PyTorch's logits (largest difference %.2g)", difference)
+
+
+@dataclass
+class OnnxModel:
+    """An exported .onnx file run with ONNX Runtime, with what predict() and evaluate() use of a model."""
+    session: object  # onnxruntime.InferenceSession
+    classes: list[str]
+    img_size: int
+    info: dict  # the metadata: the checkpoint's fields other than the weights
+
+    def logits(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        """Logits of decoded img_size x img_size uint8 RGB images, batch_size at a time."""
+        outputs, update = [np.zeros((0, len(self.classes)), np.float32)], progress_reporter("predict", len(images))
+        for start in range(0, len(images), batch_size):
+            outputs += self.session.run([OUTPUT_NAME], {INPUT_NAME: images[start:start + batch_size]})
+            update(start + batch_size)
+        return torch.from_numpy(np.concatenate(outputs))
+
+
+def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
+    """Open an .onnx file exported by this project; ONNX Runtime runs it on the CPU."""
+    import onnxruntime  # a second or so to import, and only this path needs it
+
+    if device not in ("auto", "cpu"):
+        raise UserError(f"an .onnx model runs on the CPU here (ONNX Runtime); --device {device} is for model.pt: "
+                        f"use --device cpu or auto")
+    path = Path(path)
+    check_model_file(path, "export one with `python engine.py export`")
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime raises its own kinds for files it cannot use
+        raise UserError(f"{path} is not a readable ONNX model (corrupt, truncated or not ONNX: "
+                        f"{type(error).__name__})") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    if metadata.get("export_format") != json.dumps(EXPORT_FORMAT):
+        raise UserError(f"{path} is an ONNX model, but not one exported by this project (its metadata lacks "
+                        f"export_format); export one with `python engine.py export`")
+    info = {key: json.loads(value) for key, value in metadata.items()}
+    return OnnxModel(session, info["classes"], info["img_size"], info)

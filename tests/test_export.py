@@ -1,0 +1,157 @@
+"""Export: the .onnx and .pt2 files give PyTorch's logits, carry the model's metadata, serve predict and
+evaluate, and refuse what they cannot do without leaving a file behind."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+import engine
+from MLPipeline import Export, TrainConfig, evaluate, load_images, load_model, train
+from MLPipeline.CreateDataset import list_images
+from tests.conftest import run_engine
+
+METADATA_KEYS = ("classes", "img_size", "mean", "std", "arch")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A small trained model, exported to ONNX with the CLI: (output folder, the export's CompletedProcess)."""
+    output_dir = tmp_path_factory.mktemp("export")
+    train(TrainConfig(data_dir=tiny_data, output_dir=output_dir, epochs=1, img_size=32, weights="none",
+                      backbone="resnet18"))
+    return output_dir, run_engine("export", "--model", output_dir / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def pt2(trained):
+    return Export.export_model(trained[0] / "model.pt", "pt2")
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data) -> np.ndarray:
+    return load_images([str(path) for path in list_images(tiny_data)[::4]], 32)[0]  # 6 images, every class
+
+
+def pytorch_logits(trained, images: np.ndarray) -> np.ndarray:
+    return load_model(trained[0] / "model.pt", "cpu").logits(images).numpy()
+
+
+def test_cli_export_writes_the_onnx_file_next_to_the_model(trained):
+    output_dir, result = trained
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {output_dir / 'model.onnx'}" in result.stdout and "verified" in result.stdout
+    assert "Removed" not in result.stdout + result.stderr  # the exporter's notes on its passes are silenced
+    assert not [path for path in output_dir.iterdir() if path.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_runtime_agrees_with_pytorch(trained, images, batch):
+    session = onnxruntime.InferenceSession(str(trained[0] / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": images[:batch]})
+    np.testing.assert_allclose(logits, pytorch_logits(trained, images[:batch]), rtol=0, atol=1e-4)
+
+
+def test_onnx_metadata_and_input_round_trip(trained):
+    checkpoint = torch.load(trained[0] / "model.pt", weights_only=True)
+    model = onnx.load(str(trained[0] / "model.onnx"), load_external_data=False)
+    metadata = {prop.key: json.loads(prop.value) for prop in model.metadata_props}
+    assert {key: metadata[key] for key in METADATA_KEYS} == {key: checkpoint[key] for key in METADATA_KEYS}
+    assert metadata["arch"] == "resnet18" and metadata["img_size"] == 32
+    (images,) = model.graph.input
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [dim.dim_param or dim.dim_value for dim in images.type.tensor_type.shape.dim] == ["batch", 32, 32, 3]
+
+
+def test_pt2_loads_with_torch_export_load_agrees_and_carries_metadata(trained, pt2, images):
+    assert pt2 == trained[0] / "model.pt2"
+    extra_files = {"metadata.json": ""}
+    network = torch.export.load(pt2, extra_files=extra_files).module()
+    metadata = {key: json.loads(value) for key, value in json.loads(extra_files["metadata.json"]).items()}
+    checkpoint = torch.load(trained[0] / "model.pt", weights_only=True)
+    assert {key: metadata[key] for key in METADATA_KEYS} == {key: checkpoint[key] for key in METADATA_KEYS}
+    for batch in (1, 5):
+        np.testing.assert_allclose(network(torch.from_numpy(images[:batch])).detach().numpy(),
+                                   pytorch_logits(trained, images[:batch]), rtol=0, atol=1e-4)
+
+
+def test_cli_predict_with_the_onnx_file_gives_the_labels_of_model_pt(trained, tiny_data):
+    results = [run_engine("predict", tiny_data, "--model", trained[0] / name) for name in ("model.pt", "model.onnx")]
+    assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
+    labels = [[line.split("\t")[:2] for line in result.stdout.splitlines()] for result in results]
+    assert len(labels[0]) == 24 and labels[0] == labels[1]
+
+
+def test_evaluate_with_the_onnx_file_scores_as_model_pt(trained, tiny_data, tmp_path):
+    reports = [evaluate(load_model(trained[0] / name, "cpu"), tiny_data, tmp_path / name)
+               for name in ("model.pt", "model.onnx")]
+    for key in ("accuracy", "confusion_matrix", "model_info"):
+        assert reports[0][key] == reports[1][key]
+
+
+def bad_model_file(case: str, tmp_path):
+    files = {"missing": tmp_path / "missing.pt", "folder": tmp_path, "garbage": tmp_path / "garbage.pt"}
+    files["garbage"].write_bytes(np.random.default_rng(0).bytes(5000))
+    return files[case]
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "garbage"])
+def test_export_of_a_bad_model_file_exits_2_with_one_error_line(case, tmp_path, capsys):
+    model = bad_model_file(case, tmp_path)
+    code = engine.main(["export", "--model", str(model), "--out", str(tmp_path / "out.onnx")])
+    errors = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ") and str(model) in errors[0], errors
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def foreign_onnx(path):
+    """A valid ONNX model that this project did not export (an Identity, no metadata)."""
+    tensor = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "foreign", [tensor],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    return path
+
+
+def unusable_model(case: str, pt2, tmp_path):
+    if case == "foreign":
+        return foreign_onnx(tmp_path / "foreign.onnx")
+    if case == "garbage":
+        return bad_model_file("garbage", tmp_path).rename(tmp_path / "garbage.onnx")
+    return pt2
+
+
+@pytest.mark.parametrize("case, message", [("foreign", "not one exported by this project"),
+                                           ("garbage", "not a readable ONNX model"),
+                                           ("pt2", "torch.export.load")])
+def test_predict_refuses_an_unusable_exported_file(case, message, pt2, tiny_data, tmp_path, capsys):
+    model = unusable_model(case, pt2, tmp_path)
+    code = engine.main(["predict", str(tiny_data / "alpha"), "--model", str(model)])
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert code == 2 and captured.out == "" and len(errors) == 1, captured.err
+    assert message in errors[0] and str(model) in errors[0]
+
+
+def test_an_export_that_fails_while_writing_leaves_the_previous_file(trained, tmp_path, monkeypatch):
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"the previous export")
+
+    def disk_full(program, file, **kwargs):
+        file.write(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch.export, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        Export.export_model(trained[0] / "model.pt", "pt2", out)
+    assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == b"the previous export"
+
+
+def test_an_export_that_does_not_give_pytorchs_logits_is_not_written(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(Export, "TOLERANCE", -1.0)  # no file can pass: the check must run on every export
+    with pytest.raises(RuntimeError, match="differ from PyTorch's"):
+        Export.export_model(trained[0] / "model.pt", "pt2", tmp_path / "model.pt2")
+    assert list(tmp_path.iterdir()) == []
