@@ -134,13 +134,12 @@ class OnnxModel:
 
 def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
     """Open an .onnx file exported by this project; ONNX Runtime runs it on the CPU."""
-    import onnxruntime  # a second or so to import, and only this path needs it
-
     if device not in ("auto", "cpu"):
         raise UserError(f"an .onnx model runs on the CPU here (ONNX Runtime); --device {device} is for model.pt: "
                         f"use --device cpu or auto")
     path = Path(path)
     check_model_file(path, "export one with `python engine.py export`")
+    import onnxruntime  # a second or so to import, and only this path needs it
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # ONNX Runtime raises its own kinds for files it cannot use

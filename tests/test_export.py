@@ -3,6 +3,10 @@ evaluate, and refuse what they cannot do without leaving a file behind."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -11,9 +15,9 @@ import pytest
 import torch
 
 import engine
-from MLPipeline import Export, TrainConfig, evaluate, load_images, load_model, train
+from MLPipeline import Export, TrainConfig, evaluate, load_images, load_model, predict, train
 from MLPipeline.CreateDataset import list_images
-from tests.conftest import run_engine
+from tests.conftest import ROOT, run_engine
 
 METADATA_KEYS = ("classes", "img_size", "mean", "std", "arch")
 
@@ -127,7 +131,7 @@ def unusable_model(case: str, pt2, tmp_path):
 
 @pytest.mark.parametrize("case, message", [("foreign", "not one exported by this project"),
                                            ("garbage", "not a readable ONNX model"),
-                                           ("pt2", "torch.export.load")])
+                                           ("pt2", "torch.export.load")], ids=["foreign", "garbage", "pt2"])
 def test_predict_refuses_an_unusable_exported_file(case, message, pt2, tiny_data, tmp_path, capsys):
     model = unusable_model(case, pt2, tmp_path)
     code = engine.main(["predict", str(tiny_data / "alpha"), "--model", str(model)])
@@ -155,3 +159,23 @@ def test_an_export_that_does_not_give_pytorchs_logits_is_not_written(trained, tm
     with pytest.raises(RuntimeError, match="differ from PyTorch's"):
         Export.export_model(trained[0] / "model.pt", "pt2", tmp_path / "model.pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_onnx_example_runs_without_this_project_and_agrees_with_predict(trained, tiny_data, tmp_path):
+    """The README's ONNX Runtime example, verbatim, in isolated mode (no access to MLPipeline)."""
+    example = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "output").mkdir()
+    shutil.copy(trained[0] / "model.onnx", tmp_path / "output" / "model.onnx")
+    paths = [str(path) for path in list_images(tiny_data)[::4]]
+    result = subprocess.run([sys.executable, "-I", "-c", example.group(1), *paths], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    expected = predict(load_model(trained[0] / "model.pt", "cpu"), paths)
+    assert [line.split()[:2] for line in result.stdout.splitlines()] == expected[["input", "label"]].values.tolist()
+
+
+def test_an_onnx_file_is_refused_on_cuda_with_one_error_line(trained, tiny_data, capsys):
+    code = engine.main(["predict", str(tiny_data / "alpha"), "--model", str(trained[0] / "model.onnx"),
+                        "--device", "cuda"])
+    errors = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(errors) == 1 and "runs on the CPU" in errors[0], errors
