@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from MLPipeline import Report
-from MLPipeline.Common import UserError
+from MLPipeline.Common import UserError, is_main_process
 from MLPipeline.Predict import evaluate, load_model, predict
 from MLPipeline.SyntheticData import make_demo_data
 from MLPipeline.Train import TrainConfig, train
@@ -54,6 +54,8 @@ def run_predict(args: argparse.Namespace) -> int:
     results = predict(model, args.paths)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
+    if not is_main_process():  # under torchrun every process has the whole table; rank 0 reports it
+        return 2 if (results.error != "").any() else 0
     for _, row in results[results.error == ""].iterrows():  # the failed ones were named as they were skipped
         ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
         print(f"{row['input']}\t" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
@@ -69,6 +71,8 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     report = evaluate(model, args.data_dir, args.output_dir)
+    if not is_main_process():
+        return 0
     print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
           f"(model backbone {'pretrained' if model.info['pretrained'] else 'NOT pretrained'})")
     print(pd.DataFrame(report["per_class"]).to_string(index=False, float_format="%.3f"))
@@ -110,8 +114,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             groups[rules["group"]].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                                 help=rules["help"])
             continue
-        value_type = float if option.default is None else type(option.default)
-        groups[rules["group"]].add_argument(flag, type=value_type, default=default, choices=rules["choices"] or None,
+        groups[rules["group"]].add_argument(flag, type=rules["kind"], default=default, choices=rules["choices"] or None,
                                             help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
 
 

@@ -81,3 +81,49 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
             log.info("  %s: %d/%d (%.1f images/s, %.0f s left)", label, done, total, rate, (total - done) / rate)
             last = now
     return update
+
+
+# --------------------------------------------------------------------------------------- several processes
+# `torchrun --nproc_per_node=N engine.py ...` starts N copies of the program with RANK, WORLD_SIZE and
+# LOCAL_RANK set. Each takes its shard of the images; rank 0 alone logs progress and writes outputs.
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def start_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun job, if there is one (NCCL on GPUs, Gloo on CPUs); returns this process's device.
+
+    Every process but rank 0 logs warnings only, so progress is printed once.
+    """
+    rank, size = world()
+    if size == 1 or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
+                                         device if device.type == "cuda" else None)
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+    return device
+
+
+def gather(item) -> list:
+    """Every process's `item` (any picklable value), in rank order; [item] in a single process."""
+    if not torch.distributed.is_initialized():
+        return [item]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, item)
+    return gathered
+
+
+def shard(items: list) -> list[int]:
+    """The positions of `items` this process handles: every WORLD_SIZE-th, from its rank."""
+    rank, size = world()
+    return list(range(rank, len(items), size))
