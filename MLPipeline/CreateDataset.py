@@ -363,3 +363,37 @@ def jitter_colours(pixels: torch.Tensor) -> torch.Tensor:
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class indices -> one-hot float targets, as the original encoded its labels."""
     return torch.nn.functional.one_hot(labels, num_classes).float()
+
+
+# --- The original project's entry points (see README: Coming from the original project)
+
+class CreateDataset:
+    """The original's data loader, on this project's decode path: `create_dataset` returns what its script
+    turned into tensors.
+
+    The original script makes a new CreateDataset for each folder and keeps only the arrays, so the class
+    names would be lost on the way to TrainRestNet; `last_classes` keeps those of the last folder read
+    (TrainRestNet's `classes=` overrides it).
+    """
+    last_classes: list[str] | None = None
+
+    def create_dataset(self, folder: str | Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The images of folder/<class>/* as (N x 3 x H x W float32 in [0, 1], N x C one-hot float32).
+
+        Classes are the sub-folders in sorted order, each a column of the one-hot labels; unreadable files
+        are skipped with a warning, as in training. Images are squares: a checkpoint has one image size
+        and prediction resizes to it, so width must equal height.
+        """
+        if width != height:
+            raise UserError(f"create_dataset resizes to squares, so width and height must be equal, not "
+                            f"{width} and {height}: the trained model predicts on {width}x{width} images")
+        check_data_dir(folder)
+        index = index_folder(folder)
+        check_classes(index, folder)
+        images, skipped = load_images(index.path.tolist(), width)
+        if len(images) == 0:
+            raise UserError(f"no readable images in {folder}")
+        classes = sorted(index.label.unique())
+        labels = torch.tensor(usable(mark_skipped(index, skipped)).label.map(classes.index).to_numpy())
+        CreateDataset.last_classes = classes
+        return to_model_input(torch.from_numpy(images)).numpy(), one_hot(labels, len(classes)).numpy()

@@ -420,3 +420,103 @@ def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict,
     Report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["classes"],
                                  output_dir / "confusion_matrix.png")
     save_checkpoint(output_dir / "model.pt", checkpoint)
+
+
+# --- The original project's entry points (see README: Coming from the original project)
+
+from MLPipeline.CreateDataset import CreateDataset  # noqa: E402 (kept with the entry points it serves)
+
+
+def TrainRestNet(model: Classifier, trainloader, testloader, epochs: int = 10, lr: float = 1e-3,
+                 classes: list[str] | None = None, output_dir: str | Path = "output",
+                 device: str = "auto") -> list[dict]:
+    """The original's training call: Adam, cross-entropy on one-hot targets, a line per epoch with the loss
+    and test accuracy, then output_dir/model.pt in this project's checkpoint format.
+
+    model: from ResNET_Model().model_builder() (it carries its weights' provenance). The loaders yield
+    (N x 3 x S x S images in [0, 1], N x C one-hot labels), as built from create_dataset's arrays; every batch
+    runs through the whole network, as in the original. classes: the checkpoint's class names, by default
+    those of the last create_dataset call. Returns one row per epoch: train loss, test loss, test accuracy.
+    """
+    config = TrainConfig(output_dir=Path(output_dir), epochs=epochs, lr=lr, device=device)
+    config.check()
+    img_size = check_batches(model, trainloader, testloader)
+    classes = checked_classes(classes, model.head.out_features)
+    target = pick_device(device)
+    model = prepare_model(model, target)
+    optimizer, _ = make_optimizer(model, config)
+    history = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, "train_loss": train_loader_epoch(model, trainloader, optimizer, target)}
+        row["test_loss"], row["test_accuracy"] = loss_and_accuracy(*loader_logits(model, testloader, target))
+        history.append(row)
+        # print, as the original did: a bare script sets up no logging, so log.info would show nothing
+        print(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
+              f"test accuracy {100 * row['test_accuracy']:.2f}%")
+    settings = {"epochs": epochs, "lr": lr, "batch_size": getattr(trainloader, "batch_size", None)}
+    path = config.output_dir / "model.pt"
+    save_checkpoint(path, checkpoint_dict(model, classes, img_size, model.provenance, extra={"training": settings}))
+    print(f"test accuracy {100 * history[-1]['test_accuracy']:.2f}%; model saved to {path}")
+    return history
+
+
+def check_batches(model: Classifier, *loaders) -> int:
+    """Refuse, before any training, what would fail late or silently: returns the images' size.
+
+    Both loaders' first batch: square N x 3 x S x S images in [0, 1], the same S, and one-hot labels with a
+    column per output of the model (a test folder lacking a class would shift every label after it).
+    """
+    if not hasattr(model, "provenance"):
+        raise UserError("TrainRestNet needs the model from ResNET_Model().model_builder(), which records where "
+                        "its weights came from")
+    sizes = set()
+    for images, labels in (next(iter(loader), (None, None)) for loader in loaders):
+        if images is None:
+            raise UserError("a loader yields no batches")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise UserError(f"batches must hold N x 3 x S x S images, not {tuple(images.shape)}")
+        if images.min() < 0 or images.max() > 1:
+            raise UserError("images must be scaled to [0, 1] (the model normalises them itself)")
+        if labels.ndim != 2 or labels.shape[1] != model.head.out_features:
+            raise UserError(f"labels of shape {tuple(labels.shape)} do not fit a model with "
+                            f"{model.head.out_features} outputs: one-hot labels need a column per class, the "
+                            f"same classes in both folders, and model_builder(number of classes)")
+        sizes.add(images.shape[2])
+    if len(sizes) > 1:
+        raise UserError(f"training and test images differ in size ({' and '.join(map(str, sorted(sizes)))})")
+    return sizes.pop()
+
+
+def checked_classes(classes: list[str] | None, num_classes: int) -> list[str]:
+    """The class names for the checkpoint: those given, else those of the last create_dataset call."""
+    classes = classes if classes is not None else CreateDataset.last_classes
+    if classes is None or len(classes) != num_classes:
+        raise UserError(f"the model has {num_classes} outputs but the class names known are {classes}: pass "
+                        f"TrainRestNet(..., classes=[one name per one-hot column])")
+    return list(classes)
+
+
+def train_loader_epoch(model: Classifier, loader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """One pass over a loader of (images, one-hot labels) batches; returns the mean training loss."""
+    model.train()  # Classifier.train keeps a frozen backbone, and all BatchNorm, in eval mode
+    loss_sum, count = 0.0, 0
+    for images, labels in loader:
+        with autocast(device, training=True):
+            logits = model(images.to(device, non_blocking=True)).float()
+        loss = F.cross_entropy(logits, labels.to(device, non_blocking=True))  # one-hot targets, as the original
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum, count = loss_sum + loss.item() * len(images), count + len(images)
+    return loss_sum / count
+
+
+def loader_logits(model: Classifier, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (eval mode, on CPU) and class indices of every batch of a loader of (images, one-hot labels)."""
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), autocast(device):
+        for images, one_hot_labels in loader:
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(one_hot_labels.argmax(1))
+    return torch.cat(logits), torch.cat(labels)
