@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.Common import UserError, autocast, check_output_dir, log, pick_device, progress_reporter
+from MLPipeline.Common import (UserError, autocast, check_output_dir, log, output_lock, pick_device,
+                               progress_reporter)
 from MLPipeline.CreateDataset import (build_index, load_images, make_augmenter, mark_skipped, one_hot,
                                       stratified_split, to_model_input, usable)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
@@ -265,8 +266,17 @@ class TrainingRun:
 
 
 def train(config: TrainConfig) -> TrainingRun:
-    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir."""
+    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir.
+
+    The output folder is locked for the run: a second run on it stops at once instead of mixing outputs.
+    """
     config.check()
+    with output_lock(config.output_dir):
+        return run_training(config)
+
+
+def run_training(config: TrainConfig) -> TrainingRun:
+    """train()'s work, once the settings are checked and the output folder is held."""
     device = pick_device(config.device)
     started = time.perf_counter()
     index, classes, splits = load_dataset(config, device)
