@@ -7,6 +7,7 @@ One image's path from disk to the network:
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -17,16 +18,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pillow_heif
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from MLPipeline.Common import UserError, log
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
+                    ".jp2"}
+PILLOW_FORMATS = {"HEIF", "AVIF"}  # OpenCV cannot decode HEIF and ignores the rotation AVIF stores; Pillow does both
 # Pre-split layouts, first match wins; folder names are matched case-insensitively.
 PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (about 89 megapixels)
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # default of --max-pixels: Pillow's decompression-bomb limit (about 89 megapixels)
 MIN_SIDE = 8  # smaller images carry nothing to classify
 
 
@@ -126,31 +130,24 @@ def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: 
     return index
 
 
-def read_image(path: str | Path, min_size: int | None = None) -> np.ndarray:
+def read_image(path: str | Path, min_size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode a file to an 8-bit RGB array (grayscale, alpha, 16-bit, palette and CMYK included).
 
     EXIF orientation is applied. Given `min_size`, big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the result
     still has at least that many pixels a side: several times faster, and nothing is lost after the resize.
+    Images over `max_pixels` (default MAX_PIXELS) are refused before they are decoded.
     Raises BadImageError, naming the reason, for files that are not usable images.
     """
     data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, works with non-ASCII names everywhere
     if data.size == 0:
         raise BadImageError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own cap below
-            with Image.open(io.BytesIO(data.tobytes())) as header:  # reads the header only
-                width, height, image_format = *header.size, header.format
-    except Image.DecompressionBombError:
-        raise BadImageError(f"over {MAX_PIXELS} pixels, too large to decode safely") from None
-    except Exception:
-        raise BadImageError("not an image, or corrupt") from None
-    if width * height > MAX_PIXELS:
-        raise BadImageError(f"{width}x{height} is over {MAX_PIXELS} pixels, too large to decode safely")
+    width, height, image_format = read_header(data, max_pixels or MAX_PIXELS)
     if min(width, height) < MIN_SIDE:
         raise BadImageError(f"{width}x{height} is too small to classify")
     if image_format == "JPEG" and not jpeg_is_complete(data.tobytes()):
         raise BadImageError("truncated JPEG (no end-of-image marker)")  # OpenCV would fill the rest with grey
+    if image_format in PILLOW_FORMATS:
+        return decode_with_pillow(data)
     reduce = image_format == "JPEG" and min_size is not None
     try:
         image = cv2.imdecode(data, reduced_read_flag(width, height, min_size) if reduce else cv2.IMREAD_COLOR)
@@ -159,6 +156,34 @@ def read_image(path: str | Path, min_size: int | None = None) -> np.ndarray:
     if image is None:
         return decode_with_pillow(data)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_header(data: np.ndarray, max_pixels: int) -> tuple[int, int, str]:
+    """(width, height, format) from the file's header alone; images over max_pixels are refused here."""
+    register_heif()
+    # Pillow refuses files over twice its own limit before their size can be read: keep its limit at least
+    # ours, so that --max-pixels is the one limit (checked below, before every decode).
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    too_large = f"is over {max_pixels} pixels, too large to decode safely (raise --max-pixels to decode it)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own cap below
+            with Image.open(io.BytesIO(data.tobytes())) as header:  # reads the header only
+                width, height, image_format = *header.size, header.format
+    except Image.DecompressionBombError:
+        raise BadImageError(f"the image {too_large}") from None
+    except Exception:
+        raise BadImageError("not an image, or corrupt") from None
+    if width * height > max_pixels:
+        raise BadImageError(f"{width}x{height} {too_large}")
+    return width, height, image_format
+
+
+@functools.cache
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF phone photos (pillow-heif applies their rotation); once, at the first decode."""
+    pillow_heif.register_heif_opener()
 
 
 def jpeg_is_complete(data: bytes) -> bool:
@@ -185,7 +210,7 @@ def reduced_read_flag(width: int, height: int, min_size: int) -> int:
 
 
 def decode_with_pillow(data: np.ndarray) -> np.ndarray:
-    """Formats OpenCV lacks (GIF, some TIFFs): Pillow decodes them, first frame only."""
+    """Formats OpenCV lacks or gets wrong (GIF, HEIF, AVIF, some TIFFs): Pillow decodes them, first frame only."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as image:
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
@@ -198,12 +223,13 @@ def resize(image: np.ndarray, img_size: int) -> np.ndarray:
     return cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
 
 
-def load_image(path: str | Path, img_size: int) -> np.ndarray:
+def load_image(path: str | Path, img_size: int, max_pixels: int | None = None) -> np.ndarray:
     """A file as an img_size x img_size x 3 uint8 RGB array."""
-    return resize(read_image(path, img_size), img_size)
+    return resize(read_image(path, img_size, max_pixels), img_size)
 
 
-def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, str]]:
+def load_images(paths: list[str], img_size: int, max_pixels: int | None = None,
+                ) -> tuple[np.ndarray, dict[str, str]]:
     """Decode and resize many files at once; returns (N x S x S x 3 uint8 of the good ones, {bad path: reason}).
 
     OpenCV releases the GIL while it decodes, so a thread per core gives a real speed-up with no
@@ -211,7 +237,7 @@ def load_images(paths: list[str], img_size: int) -> tuple[np.ndarray, dict[str, 
     """
     def load_or_reason(path: str) -> np.ndarray | str:
         try:
-            return load_image(path, img_size)
+            return load_image(path, img_size, max_pixels)
         except (BadImageError, cv2.error) as error:
             return str(error).strip().splitlines()[-1]
         except OSError as error:

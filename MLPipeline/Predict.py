@@ -52,16 +52,16 @@ def predict_logits(model: TrainedModel, images: np.ndarray, batch_size: int = 64
     return forward_in_batches(model.network, images, model.device, batch_size, label="predict").cpu()
 
 
-def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
+def predict(model: TrainedModel, inputs: list, batch_size: int = 64, max_pixels: int | None = None) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
     otherwise why the input could not be classified, and the other columns are empty).
-    Files are decoded by load_images, exactly as in training.
+    Files are decoded by load_images, exactly as in training; images over max_pixels are refused.
     """
     items = expand_inputs(inputs)
     decoded, skipped = load_images([str(item) for item in items if not isinstance(item, np.ndarray)],
-                                   model.img_size)
+                                   model.img_size, max_pixels)
     next_decoded = iter(decoded)
     rows, images = [], []
     for position, item in enumerate(items):
@@ -87,7 +87,7 @@ def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataF
     return results.reindex(columns=columns)
 
 
-def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
+def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
     check_data_dir(data_dir)
     check_output_dir(output_dir)
@@ -102,7 +102,7 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path) -> dict:
         index = index[~index.label.isin(unknown)].reset_index(drop=True)
         if index.empty:
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
-    images, skipped = load_images(index.path.tolist(), model.img_size)
+    images, skipped = load_images(index.path.tolist(), model.img_size, max_pixels)
     index = usable(mark_skipped(index, skipped)).reset_index(drop=True)
     if index.empty:
         raise UserError(f"no readable images in {data_dir}")

@@ -8,7 +8,7 @@ fraction of the time. `feature_cache=False` runs the original's full forward pas
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from MLPipeline import Report
 from MLPipeline.Common import (UserError, autocast, check_output_dir, log, output_lock, pick_device,
                                progress_reporter)
-from MLPipeline.CreateDataset import (build_index, load_images, make_augmenter, mark_skipped, one_hot,
+from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, load_images, make_augmenter, mark_skipped, one_hot,
                                       stratified_split, to_model_input, usable)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
@@ -66,6 +66,8 @@ class TrainConfig:
                                  "same results, much slower)")
     inference_batch_size: int = option(64, "batch size of feature extraction and scoring", lambda v: v >= 1,
                                        "be at least 1")
+    max_pixels: int = option(MAX_PIXELS, "images with more pixels are skipped, unread (a safe limit on memory); "
+                             "raise it for big scans", lambda v: v >= 1, "be at least 1")
     backbone: str = option("resnet50", "network to fine-tune", choices=BACKBONES, group=IMPROVEMENT)
     schedule: str = option("none", "cosine: anneal the learning rate to 0 over the epochs",
                            choices=("none", "cosine"), group=IMPROVEMENT, recorded=True)
@@ -88,12 +90,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise UserError for settings out of range, before any work is done."""
         for option_field in fields(self):
-            value, rules = getattr(self, option_field.name), option_field.metadata
-            flag = "--" + option_field.name.replace("_", "-")
-            if rules["valid"] and not rules["valid"](value):
-                raise UserError(f"{flag} must {rules['must']}, not {value}")
-            if rules["choices"] and value not in rules["choices"]:
-                raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
+            check_option(option_field, getattr(self, option_field.name))
         pick_device(self.device)
         check_output_dir(self.output_dir)
 
@@ -101,6 +98,15 @@ class TrainConfig:
         """The settings that shaped the weights, as stored in the checkpoint."""
         return {option_field.name: getattr(self, option_field.name) for option_field in fields(self)
                 if option_field.metadata["recorded"]}
+
+
+def check_option(option_field: Field, value) -> None:
+    """Raise UserError when `value` breaks the rules of its option (a field of TrainConfig)."""
+    rules, flag = option_field.metadata, "--" + option_field.name.replace("_", "-")
+    if rules["valid"] and not rules["valid"](value):
+        raise UserError(f"{flag} must {rules['must']}, not {value}")
+    if rules["choices"] and value not in rules["choices"]:
+        raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
 
 
 @dataclass
@@ -120,7 +126,7 @@ def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFram
     if config.val_size:
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
     classes = sorted(index.label.unique())
-    images, skipped = load_images(index.path.tolist(), config.img_size)
+    images, skipped = load_images(index.path.tolist(), config.img_size, config.max_pixels)
     index = mark_skipped(index, skipped)
     used = usable(index)
     check_enough_left(used, classes, config.val_size > 0)
