@@ -27,6 +27,14 @@ from MLPipeline.Common import UserError, log
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
                     ".jp2"}
+# What phones, cameras and file managers leave beside photos: passed over like hidden files, counted in one line.
+SIDECAR_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+SIDECAR_EXTENSIONS = {".aae", ".ini", ".json", ".md", ".thm", ".txt", ".xmp"}
+# Any other file in a class folder is skipped and named with a reason; for these the reason says what to do.
+NOT_IMAGE_REASONS = {".pdf": "PDF: export the pages as images",
+                     ".mov": "video (a Live Photo's motion?): export a frame as an image",
+                     ".mp4": "video: export a frame as an image",
+                     ".dng": "camera RAW: export it as JPEG"}
 PILLOW_FORMATS = {"HEIF", "AVIF"}  # OpenCV cannot decode HEIF and ignores the rotation AVIF stores; Pillow does both
 # Pre-split layouts, first match wins; folder names are matched case-insensitively.
 PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
@@ -38,37 +46,109 @@ class BadImageError(Exception):
     """This one file cannot be used as an image; the run skips it."""
 
 
+class UnreadableFolder(UserError):
+    """A folder the system will not list: the end of the run for the data folder, a warning below it."""
+
+
+def is_passed_over(name: str) -> bool:
+    """Hidden files and folders, and sidecar files: never images, and too common to name one by one."""
+    return name.startswith(".") or name.lower() in SIDECAR_NAMES or Path(name.lower()).suffix in SIDECAR_EXTENSIONS
+
+
+def not_image_reason(path: Path) -> str:
+    """Why a file is not one we decode, judged by its extension; "" for the supported image types."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return ""
+    return NOT_IMAGE_REASONS.get(suffix, f"unsupported file type {suffix or '(no extension)'}")
+
+
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and not is_passed_over(path.name) and not not_image_reason(path)
+
+
+def folder_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries, sorted by name (so files come out in path order)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise UnreadableFolder(f"cannot read folder {folder}: {error.strerror or error}") from None
+
+
+def folder_key(folder: Path) -> tuple[int, int]:
+    """The same for every path (link or not) that leads to one folder."""
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino
+
+
+def find_files(folder: Path, seen: dict[tuple[int, int], Path]) -> tuple[list[Path], int]:
+    """Every file under `folder` in path order, symlinked folders followed; and how many entries were passed over.
+
+    An unreadable folder is named and passed over. A folder in `seen` (met before: a symlink loop, or a second
+    link to it) is named once and not followed again, so a loop cannot list files forever.
+    """
+    key = folder_key(folder)
+    if key in seen:
+        log.warning("warning: folder %s leads back to %s (a symlink loop or a second link); not followed again",
+                    folder, seen[key])
+        return [], 0
+    seen[key] = folder
+    try:
+        entries = folder_entries(folder)
+    except UnreadableFolder as error:
+        log.warning("warning: %s; passed over", error)
+        return [], 0
+    files, passed_over = [], 0
+    for entry in entries:
+        path = folder / entry.name
+        if is_passed_over(entry.name):
+            passed_over += 1
+        elif entry.is_dir():  # follows symlinks
+            found, passed = find_files(path, seen)
+            files, passed_over = files + found, passed_over + passed
+        else:  # a file, or a broken link: decoding will name it
+            files.append(path)
+    return files, passed_over
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, sorted; hidden files and folders are ignored."""
-    folder = Path(folder)
-    return sorted(
-        path for path in folder.rglob("*")
-        if is_image_file(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+    """Every supported image under `folder`, sorted; hidden, sidecar and other files are left out."""
+    return [path for path in find_files(Path(folder), {})[0] if not not_image_reason(path)]
 
 
 def index_folder(folder: Path) -> pd.DataFrame:
-    """One row (path, label) per image under folder/<class>/; empty class folders are reported and left out."""
+    """One row (path, label, skipped) per file under folder/<class>/; `skipped` says why a file that is not a
+    supported image cannot be used ("" for images). Class folders without images are reported and left out.
+    """
     folder = Path(folder)
-    rows = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = list_images(class_dir)
-        if not images:
-            log.warning("warning: class folder %s holds no images; left out", class_dir)
-        rows += [(str(path), class_dir.name) for path in images]
-    loose = [p for p in folder.iterdir() if is_image_file(p)]
+    entries = folder_entries(folder)  # the data folder itself must be readable
+    rows, passed_over = [], 0
+    for class_dir in (folder / entry.name for entry in entries if entry.is_dir() and not is_passed_over(entry.name)):
+        files, passed = find_files(class_dir, {folder_key(folder): folder})
+        passed_over += passed
+        reasons = [not_image_reason(path) for path in files]
+        if all(reasons):
+            others = f" ({len(files)} other file(s), e.g. {files[0].name}: {reasons[0]})" if files else ""
+            log.warning("warning: class folder %s holds no images%s; left out", class_dir, others)
+            continue
+        for path, reason in zip(files, reasons):
+            rows.append((str(path), class_dir.name, reason))
+            if reason:
+                log.warning("warning: skipped %s: %s", path, reason)
+    if passed_over:
+        log.info("passed over %d hidden or sidecar file(s) in the class folders of %s (system files, photo "
+                 "metadata, notes)", passed_over, folder)
+    loose = [entry for entry in entries if is_image_file(folder / entry.name)]
     if loose:
         log.warning("warning: %d image(s) directly in %s are not in a class folder; ignored", len(loose), folder)
-    return pd.DataFrame(rows, columns=["path", "label"])
+    return pd.DataFrame(rows, columns=["path", "label", "skipped"])
 
 
 def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
-    subfolders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir() and not p.name.startswith(".")}
+    subfolders = {entry.name.lower(): Path(data_dir) / entry.name for entry in folder_entries(Path(data_dir))
+                  if entry.is_dir() and not is_passed_over(entry.name)}
     for train_name, test_name in PRESPLIT_PAIRS:
         if train_name in subfolders and test_name in subfolders:
             train_dir, test_dir = subfolders[train_name], subfolders[test_name]
@@ -120,7 +200,8 @@ def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: 
     Each class has its own random stream, so adding a class or an image to one class leaves the others' split.
     """
     index = index.assign(split=index.get("split", "train"))
-    for label, rows in index[index.split == "train"].groupby("label"):
+    not_skipped = index.get("skipped", "") == ""  # files known not to be images are not drawn
+    for label, rows in index[(index.split == "train") & not_skipped].groupby("label"):
         rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
         if len(rows) < 2:
             raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
@@ -253,13 +334,21 @@ def load_images(paths: list[str], img_size: int, max_pixels: int | None = None,
 
 
 def mark_skipped(index: pd.DataFrame, skipped: dict[str, str]) -> pd.DataFrame:
-    """The index with a `skipped` column: why each file could not be used, "" for the usable ones."""
-    return index.assign(skipped=index.path.map(skipped).fillna(""))
+    """The index with its `skipped` column completed by the decode: why each file could not be used, "" for
+    the usable ones. Reasons found before decoding (not an image) are kept."""
+    earlier = index.skipped if "skipped" in index else [""] * len(index)
+    return index.assign(skipped=[skipped.get(path, reason) for path, reason in zip(index.path, earlier)])
 
 
 def usable(index: pd.DataFrame) -> pd.DataFrame:
     """The rows of the files that decoded (the order of the decoded images)."""
     return index[index.skipped == ""]
+
+
+def skip_reasons(index: pd.DataFrame) -> dict[str, str]:
+    """{path: why it was not used} for every file of the index that was not."""
+    skipped = index[index.skipped != ""]
+    return dict(zip(skipped.path, skipped.skipped))
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

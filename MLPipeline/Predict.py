@@ -11,7 +11,7 @@ import torch
 from MLPipeline import Report
 from MLPipeline.Common import UserError, check_output_dir, log, pick_device
 from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, load_images,
-                                      mark_skipped, resize, usable)
+                                      mark_skipped, resize, skip_reasons, usable)
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches, load_checkpoint, prepare_model
 
 
@@ -102,8 +102,10 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_pixels: 
         index = index[~index.label.isin(unknown)].reset_index(drop=True)
         if index.empty:
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
-    images, skipped = load_images(index.path.tolist(), model.img_size, max_pixels)
-    index = usable(mark_skipped(index, skipped)).reset_index(drop=True)
+    images, skipped = load_images(usable(index).path.tolist(), model.img_size, max_pixels)
+    index = mark_skipped(index, skipped)
+    skipped = skip_reasons(index)  # files that are not images too
+    index = usable(index).reset_index(drop=True)
     if index.empty:
         raise UserError(f"no readable images in {data_dir}")
     true_labels = index.label.map(model.classes.index).to_numpy()

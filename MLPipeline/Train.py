@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from MLPipeline import Report
 from MLPipeline.Common import (UserError, autocast, check_output_dir, log, output_lock, pick_device,
                                progress_reporter)
-from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, load_images, make_augmenter, mark_skipped, one_hot,
-                                      stratified_split, to_model_input, usable)
+from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, load_images, make_augmenter, mark_skipped,
+                                      one_hot, skip_reasons, stratified_split, to_model_input, usable)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
 
@@ -126,7 +126,7 @@ def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFram
     if config.val_size:
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
     classes = sorted(index.label.unique())
-    images, skipped = load_images(index.path.tolist(), config.img_size, config.max_pixels)
+    images, skipped = load_images(usable(index).path.tolist(), config.img_size, config.max_pixels)
     index = mark_skipped(index, skipped)
     used = usable(index)
     check_enough_left(used, classes, config.val_size > 0)
@@ -136,7 +136,7 @@ def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFram
               for name in ("train", "val", "test") if (split_of == name).any()}
     log.info("data: %s images of %d classes (%s), %d skipped; device %s",
              " + ".join(f"{len(split.labels)} {name}" for name, split in splits.items()), len(classes),
-             ", ".join(classes), len(skipped), device)
+             ", ".join(classes), (index.skipped != "").sum(), device)
     return index, classes, splits
 
 
@@ -325,11 +325,11 @@ def run_training(config: TrainConfig) -> TrainingRun:
 
 def dataset_summary(index: pd.DataFrame) -> dict:
     """Images used per class and split, and the files skipped with their reasons."""
-    skipped = index[index.skipped != ""]
+    skipped = skip_reasons(index)
     return {"classes": sorted(index.label.unique()),
             "counts": {label: rows.split.value_counts().sort_index().to_dict()
                        for label, rows in usable(index).groupby("label")},
-            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))}
+            "skipped_count": len(skipped), "skipped": skipped}
 
 
 def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoint: dict) -> None:

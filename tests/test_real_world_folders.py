@@ -1,8 +1,12 @@
-"""Real-world folders: phone photos (HEIC, AVIF), scans (JPEG 2000, 100+ megapixel PNGs); two runs on one
-output folder.
+"""Real-world folders: phone photos (HEIC, AVIF), scans (JPEG 2000, 100+ megapixel PNGs), PDFs and other files,
+unreadable folders, symlinks and loops; two runs on one output folder.
+
+These tests run as root, whom permissions do not stop, so an unreadable folder is simulated: os.scandir
+refuses it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,9 +17,10 @@ import pytest
 from PIL import Image
 
 from MLPipeline.Common import LOCK_NAME, UserError, output_lock
-from MLPipeline.CreateDataset import IMAGE_EXTENSIONS, load_images, read_image, register_heif
-from tests.conftest import ENGINE, FAST, ROOT
-from tests.test_bad_input import assert_user_error, constant_png, encode
+from MLPipeline.CreateDataset import (IMAGE_EXTENSIONS, build_index, index_folder, load_images, read_image,
+                                      register_heif)
+from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
+from tests.test_bad_input import assert_user_error, cli, constant_png, encode, sample_rgb  # noqa: F401 (cli: fixture)
 
 HUGE_SIDES = (10000, 10500)  # 105 megapixels: over the default --max-pixels (about 89 million)
 RAISED_MAX_PIXELS = "200000000"
@@ -103,3 +108,64 @@ def test_the_pixel_cap_names_the_flag_and_can_be_raised(tmp_path):
     assert len(images) == 0 and "10000x10500" in skipped[str(path)] and "--max-pixels" in skipped[str(path)]
     images, skipped = load_images([str(path)], 32, max_pixels=int(RAISED_MAX_PIXELS))
     assert images.shape == (1, 32, 32, 3) and not skipped
+
+
+# --- folders: unreadable, links, only PDFs --------------------------------------------------------------------
+
+def refuse_to_list(monkeypatch, folder: Path) -> None:
+    """os.scandir(folder) fails as it would without read permission (which root has everywhere)."""
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
+def test_an_unreadable_folder_is_named_with_the_reason_and_the_rest_is_used(tmp_path, monkeypatch, caplog):
+    data = make_image_folder(tmp_path / "data", ("alpha", "beta"), per_class=3)
+    locked = make_image_folder(data / "alpha", ("scans",), per_class=2) / "scans"
+    refuse_to_list(monkeypatch, locked)
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        index = index_folder(data)
+    assert f"cannot read folder {locked}: Permission denied" in caplog.text
+    assert len(index) == 6 and not index.path.str.contains("scans").any()
+
+
+def test_an_unreadable_data_folder_exits_2_naming_it(cli, tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", ("alpha", "beta"), per_class=3)
+    refuse_to_list(monkeypatch, data)
+    assert_user_error(cli("train", "--data-dir", data, "--output-dir", tmp_path / "out", *FAST),
+                      f"cannot read folder {data}: Permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_file_is_named_with_the_reason(tmp_path, monkeypatch):
+    path = write(tmp_path / "photo.png", encode(sample_rgb(), "PNG"))
+    fromfile = np.fromfile
+
+    def refusing(file, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return fromfile(file, *args, **kwargs)
+    monkeypatch.setattr(np, "fromfile", refusing)
+    assert load_images([str(path)], 32)[1] == {str(path): "cannot be read (Permission denied)"}
+
+
+def test_a_loop_through_the_data_folder_is_not_followed(tmp_path, caplog):
+    data = make_image_folder(tmp_path / "data", ("alpha", "beta"), per_class=3)
+    (data / "alpha" / "up").symlink_to(data, target_is_directory=True)
+    (data / "gamma").symlink_to(data, target_is_directory=True)  # a class folder that is the data folder
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        index = index_folder(data)
+    assert sorted(index.label.unique()) == ["alpha", "beta"] and len(index) == 6
+    assert caplog.text.count("leads back to") == 2
+
+
+def test_a_folder_of_only_pdfs_is_no_images_and_each_class_says_why(tmp_path, caplog):
+    for name in ("cards", "letters"):
+        write(tmp_path / name / "scan.pdf", b"%PDF-1.4\n%%EOF\n")
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"), pytest.raises(UserError, match="no images found"):
+        build_index(tmp_path)
+    assert caplog.text.count("scan.pdf: PDF: export the pages as images") == 2
