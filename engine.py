@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import sys
 from pathlib import Path
@@ -167,8 +168,13 @@ def setup_logging() -> None:
     """Progress lines to stdout, warnings to stderr, both as bare messages.
 
     OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
+    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
+    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
     """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
+            stream.reconfigure(errors=errors)
     to_stdout = logging.StreamHandler(sys.stdout)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)

@@ -202,7 +202,7 @@ def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: 
     index = index.assign(split=index.get("split", "train"))
     not_skipped = index.get("skipped", "") == ""  # files known not to be images are not drawn
     for label, rows in index[(index.split == "train") & not_skipped].groupby("label"):
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(label))])  # fsencode: any folder name
         if len(rows) < 2:
             raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
                             f"to be split into train and {to_split}: add images or remove the folder")
