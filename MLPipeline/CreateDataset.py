@@ -8,6 +8,7 @@ One image's path from disk to the network:
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import os
 import warnings
@@ -335,9 +336,65 @@ def load_images(paths: list[str], img_size: int, max_pixels: int | None = None,
 
 def mark_skipped(index: pd.DataFrame, skipped: dict[str, str]) -> pd.DataFrame:
     """The index with its `skipped` column completed by the decode: why each file could not be used, "" for
-    the usable ones. Reasons found before decoding (not an image) are kept."""
+    the usable ones. Reasons found before decoding (not an image, a duplicate) are kept."""
     earlier = index.skipped if "skipped" in index else [""] * len(index)
     return index.assign(skipped=[skipped.get(path, reason) for path, reason in zip(index.path, earlier)])
+
+
+def mark_duplicates(index: pd.DataFrame, dedupe: bool = False) -> pd.DataFrame:
+    """The index with a `duplicate_of` column: for a held-out (test or val) file with the same bytes as a
+    training file, that training file ("" for the others).
+
+    Each is named in a warning: a test image the model was trained on inflates its test score. With `dedupe`
+    the held-out copy is skipped and the training copy kept.
+    """
+    copies = held_out_copies(usable(index))
+    for copy, original in copies.items():
+        if dedupe:
+            log.warning("warning: skipped %s: duplicate of %s", copy, original)
+        else:
+            log.warning("warning: %s is an exact copy of training file %s (--dedupe keeps only the training copy)",
+                        copy, original)
+    index = index.assign(duplicate_of=[copies.get(path, "") for path in index.path])
+    if dedupe:
+        index = index.assign(skipped=index.skipped.where(index.duplicate_of == "",
+                                                         "duplicate of " + index.duplicate_of))
+    return index
+
+
+def held_out_copies(index: pd.DataFrame) -> dict[str, str]:
+    """{held-out path: training path} for files with the same bytes in train and in test or val.
+
+    Only files whose size a file of the other side shares are read and hashed: most files never are.
+    """
+    sizes = index.path.map(file_size)
+    in_train = index.split == "train"
+    shared_sizes = (set(sizes[in_train]) & set(sizes[~in_train])) - {-1}
+    candidates = index[sizes.isin(shared_sizes)].assign(digest=lambda rows: rows.path.map(file_digest))
+    candidates = candidates[candidates.digest != ""]
+    originals = candidates[candidates.split == "train"].drop_duplicates("digest").set_index("digest").path
+    copies = candidates[(candidates.split != "train") & candidates.digest.isin(originals.index)]
+    return dict(zip(copies.path, copies.digest.map(originals)))
+
+
+def file_size(path: str) -> int:
+    """The file's size in bytes; -1 when it cannot be read (decoding will say why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def file_digest(path: str) -> str:
+    """blake2b of the file's bytes, read 1 MiB at a time; "" when it cannot be read (decoding will say why)."""
+    digest = hashlib.blake2b()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 def usable(index: pd.DataFrame) -> pd.DataFrame:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from MLPipeline import Report
 from MLPipeline.Common import (UserError, autocast, check_output_dir, log, output_lock, pick_device,
                                progress_reporter)
-from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, load_images, make_augmenter, mark_skipped,
-                                      one_hot, skip_reasons, stratified_split, to_model_input, usable)
+from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, load_images, make_augmenter, mark_duplicates,
+                                      mark_skipped, one_hot, skip_reasons, stratified_split, to_model_input,
+                                      usable)
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
 
@@ -68,6 +69,8 @@ class TrainConfig:
                                        "be at least 1")
     max_pixels: int = option(MAX_PIXELS, "images with more pixels are skipped, unread (a safe limit on memory); "
                              "raise it for big scans", lambda v: v >= 1, "be at least 1")
+    dedupe: bool = option(False, "a test (or val) file with the same bytes as a training file is always reported; "
+                          "--dedupe also skips it, keeping the training copy")
     backbone: str = option("resnet50", "network to fine-tune", choices=BACKBONES, group=IMPROVEMENT)
     schedule: str = option("none", "cosine: anneal the learning rate to 0 over the epochs",
                            choices=("none", "cosine"), group=IMPROVEMENT, recorded=True)
@@ -125,6 +128,7 @@ def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFram
     index = build_index(config.data_dir, config.test_size, config.seed)
     if config.val_size:
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
+    index = mark_duplicates(index, config.dedupe)
     classes = sorted(index.label.unique())
     images, skipped = load_images(usable(index).path.tolist(), config.img_size, config.max_pixels)
     index = mark_skipped(index, skipped)
@@ -324,12 +328,13 @@ def run_training(config: TrainConfig) -> TrainingRun:
 
 
 def dataset_summary(index: pd.DataFrame) -> dict:
-    """Images used per class and split, and the files skipped with their reasons."""
-    skipped = skip_reasons(index)
+    """Images used per class and split, the files skipped with their reasons, and held-out copies of training files."""
+    skipped, duplicates = skip_reasons(index), index[index.duplicate_of != ""]
     return {"classes": sorted(index.label.unique()),
             "counts": {label: rows.split.value_counts().sort_index().to_dict()
                        for label, rows in usable(index).groupby("label")},
-            "skipped_count": len(skipped), "skipped": skipped}
+            "skipped_count": len(skipped), "skipped": skipped,
+            "duplicates": dict(zip(duplicates.path, duplicates.duplicate_of))}
 
 
 def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoint: dict) -> None:
