@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from MLPipeline import Report
 from MLPipeline.Common import UserError, is_main_process
 from MLPipeline.Predict import evaluate, load_model, predict
 from MLPipeline.SyntheticData import make_demo_data
-from MLPipeline.Train import TrainConfig, train
+from MLPipeline.Train import TrainConfig, check_option, train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -50,8 +51,9 @@ def holds_nothing_but_readme(folder: Path) -> bool:
 def run_predict(args: argparse.Namespace) -> int:
     if args.csv and args.csv.is_dir():
         raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
     model = load_model(args.model, args.device)
-    results = predict(model, args.paths)
+    results = predict(model, args.paths, max_pixels=args.max_pixels)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
     if not is_main_process():  # under torchrun every process has the whole table; rank 0 reports it
@@ -69,8 +71,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
     model = load_model(args.model, args.device)
-    report = evaluate(model, args.data_dir, args.output_dir)
+    report = evaluate(model, args.data_dir, args.output_dir, args.max_pixels)
     if not is_main_process():
         return 0
     print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
@@ -98,24 +101,29 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="auto (default) uses the GPU when PyTorch sees one")
 
 
-TRAIN_OPTIONS = tuple(option.name for option in dataclasses.fields(TrainConfig))
+CONFIG_OPTIONS = {option.name: option for option in dataclasses.fields(TrainConfig)}
+TRAIN_OPTIONS = tuple(CONFIG_OPTIONS)
 CLI_DEFAULTS = {"data_dir": None, "output_dir": DEFAULT_OUTPUT_DIR}  # Data/ and output/ next to engine.py
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field: its name, default, help and choices come from the field."""
+    """One flag per TrainConfig field, placed in the help by its group."""
     groups = {"": parser}
-    for option in dataclasses.fields(TrainConfig):
-        rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
-        if rules["group"] not in groups:
-            groups[rules["group"]] = parser.add_argument_group(rules["group"])
-        flag = "--" + option.name.replace("_", "-")
-        if isinstance(option.default, bool):  # --augment / --no-augment
-            groups[rules["group"]].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                                help=rules["help"])
-            continue
-        groups[rules["group"]].add_argument(flag, type=rules["kind"], default=default, choices=rules["choices"] or None,
-                                            help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
+    for option in CONFIG_OPTIONS.values():
+        if option.metadata["group"] not in groups:
+            groups[option.metadata["group"]] = parser.add_argument_group(option.metadata["group"])
+        add_option(groups[option.metadata["group"]], option)
+
+
+def add_option(parser: argparse.ArgumentParser, option: dataclasses.Field) -> None:
+    """The flag of a TrainConfig field on a parser (or a group of one): name, default, help, choices from the field."""
+    rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
+    flag = "--" + option.name.replace("_", "-")
+    if isinstance(option.default, bool):  # --augment / --no-augment
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=rules["help"])
+        return
+    parser.add_argument(flag, type=rules["kind"], default=default, choices=rules["choices"] or None,
+                        help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -134,6 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
     predictor.add_argument("--top-k", type=positive_int, default=1, help="how many classes to print per image")
     add_device_option(predictor)
+    add_option(predictor, CONFIG_OPTIONS["max_pixels"])
 
     evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
     evaluator.set_defaults(command=run_evaluate)
@@ -141,6 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
     add_device_option(evaluator)
+    add_option(evaluator, CONFIG_OPTIONS["max_pixels"])
 
     demo = commands.add_parser("make-demo-data", help="write the synthetic demo dataset of fake documents")
     demo.set_defaults(command=run_make_demo_data)
@@ -161,8 +171,13 @@ def setup_logging() -> None:
     """Progress lines to stdout, warnings to stderr, both as bare messages.
 
     OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
+    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
+    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
     """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
+            stream.reconfigure(errors=errors)
     to_stdout = logging.StreamHandler(sys.stdout)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)

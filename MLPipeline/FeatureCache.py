@@ -83,8 +83,9 @@ class FeatureCache:
         save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
 
 
-def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device,
-                     batch_size: int, cache: FeatureCache | None) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int,
+                     cache: FeatureCache | None, max_pixels: int | None = None,
+                     ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """Features (on the CPU) of the files that decode, in order; returns (features, their positions in
     `paths`, {bad path: reason}). Files in the cache are not read at all; the others stream through the
     backbone as they decode (cache.update() then remembers them)."""
@@ -97,7 +98,8 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     computed, skipped, done = dict(found), {}, 0
     update = progress_reporter("features", len(to_compute))
     model.eval()
-    for chunk in stream_images([paths[position] for position in to_compute], img_size, batch_size):
+    for chunk in stream_images([paths[position] for position in to_compute], img_size, batch_size,
+                               max_pixels=max_pixels):
         features = forward_in_batches(model.features, chunk.images, device, batch_size).float().cpu()
         for position, row in zip(chunk.positions, features.clone()):
             computed[to_compute[position]] = row

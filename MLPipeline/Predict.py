@@ -11,7 +11,8 @@ import torch
 from MLPipeline import Report
 from MLPipeline.Common import (UserError, check_output_dir, gather, is_main_process, log, pick_device,
                                progress_reporter, shard, start_distributed)
-from MLPipeline.CreateDataset import check_data_dir, find_presplit, index_folder, list_images, resize, stream_images
+from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, resize, skip_reasons,
+                                      stream_images, usable)
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches, load_checkpoint, prepare_model
 
 
@@ -52,27 +53,29 @@ def predict_logits(model: TrainedModel, images: np.ndarray, batch_size: int = 64
     return forward_in_batches(model.network, images, model.device, batch_size, label="predict").cpu()
 
 
-def predict(model: TrainedModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
+def predict(model: TrainedModel, inputs: list, batch_size: int = 64, max_pixels: int | None = None) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
     otherwise why the input could not be classified, and the other columns are empty).
-    Files are decoded as in training, chunk by chunk: a folder of any size keeps memory flat. Under torchrun
+    Files are decoded as in training, chunk by chunk (images over max_pixels are refused): a folder of any size
+    keeps memory flat. Under torchrun
     each process classifies its shard of the inputs, and every process returns the whole table, in order.
     """
     items = expand_inputs(inputs)
     mine = shard(items)
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
     errors = [""] * len(items)
-    for positions, shard_probabilities, shard_errors in gather((mine, *classify(model, [items[i] for i in mine],
-                                                                                         batch_size))):
+    shard_results = classify(model, [items[i] for i in mine], batch_size, max_pixels)
+    for positions, shard_probabilities, shard_errors in gather((mine, *shard_results)):
         probabilities[positions] = shard_probabilities
         for position, error in zip(positions, shard_errors):
             errors[position] = error
     return results_table(items, probabilities, errors, model.classes)
 
 
-def classify(model: TrainedModel, items: list, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+def classify(model: TrainedModel, items: list, batch_size: int = 64, max_pixels: int | None = None,
+             ) -> tuple[np.ndarray, list[str]]:
     """(class probabilities, NaN where it failed; the error of each item, "" where it worked) of files and arrays."""
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
     errors = [""] * len(items)
@@ -87,7 +90,7 @@ def classify(model: TrainedModel, items: list, batch_size: int = 64) -> tuple[np
     files = [position for position in range(len(items)) if position not in set(arrays)]
     paths = [str(items[position]) for position in files]
     skipped, done, update = {}, 0, progress_reporter("predict", len(files))
-    for chunk in stream_images(paths, model.img_size, batch_size):
+    for chunk in stream_images(paths, model.img_size, batch_size, max_pixels=max_pixels):
         if chunk.positions:
             logits = predict_logits(model, chunk.images, batch_size)
             probabilities[[files[p] for p in chunk.positions]] = logits.softmax(1).numpy()
@@ -114,7 +117,8 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
     return results
 
 
-def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_examples: int = 36) -> dict:
+def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,
+             max_examples: int = 36) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid.
 
     Images stream through the model chunk by chunk; only the first `max_examples` misclassified ones are kept.
@@ -132,11 +136,13 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_examples
         index = index[~index.label.isin(unknown)].reset_index(drop=True)
         if index.empty:
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
+    skipped = skip_reasons(index)  # files that are not images: named when the folder was read
+    index = usable(index).reset_index(drop=True)
     true_labels = index.label.map(model.classes.index).to_numpy()
     probabilities = np.full((len(index), len(model.classes)), np.nan, np.float32)
-    skipped, examples = {}, {}
+    examples = {}
     for shard_probabilities, shard_skipped, shard_examples in gather(
-            score_shard(model, index.path.tolist(), true_labels, max_examples)):
+            score_shard(model, index.path.tolist(), true_labels, max_examples, max_pixels)):
         probabilities[list(shard_probabilities)] = list(shard_probabilities.values())
         skipped.update(shard_skipped)
         examples.update(shard_examples)
@@ -155,14 +161,14 @@ def evaluate(model: TrainedModel, data_dir: Path, output_dir: Path, max_examples
     return report
 
 
-def score_shard(model: TrainedModel, paths: list[str], true_labels: np.ndarray, max_examples: int
-                ) -> tuple[dict[int, np.ndarray], dict[str, str], dict[int, np.ndarray]]:
+def score_shard(model: TrainedModel, paths: list[str], true_labels: np.ndarray, max_examples: int,
+                max_pixels: int | None = None) -> tuple[dict[int, np.ndarray], dict[str, str], dict[int, np.ndarray]]:
     """This process's share of evaluate(): ({position: probabilities}, {bad path: reason}, and the images of
     its first `max_examples` misclassified files by position). Images stream through chunk by chunk."""
     mine = shard(paths)
     probabilities, skipped, examples, done = {}, {}, {}, 0
     update = progress_reporter("evaluate", len(mine))
-    for chunk in stream_images([paths[i] for i in mine], model.img_size):
+    for chunk in stream_images([paths[i] for i in mine], model.img_size, max_pixels=max_pixels):
         chunk_probabilities = predict_logits(model, chunk.images).softmax(1).numpy() if chunk.positions else []
         for position, row, image in zip(chunk.positions, chunk_probabilities, chunk.images):
             probabilities[mine[position]] = row

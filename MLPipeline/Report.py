@@ -32,7 +32,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_csv(path: Path, table: pd.DataFrame) -> None:
-    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False))
+    """A CSV file in UTF-8; a file name that is not valid UTF-8 is written byte for byte, as the disk has it
+    (read it back with encoding_errors="surrogateescape")."""
+    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False, errors="surrogateescape"))
 
 
 def save_figure(figure: Figure, path: Path) -> None:

@@ -7,9 +7,10 @@ fraction of the time. `feature_cache=False` runs the original's full forward pas
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.Common import (UserError, autocast, check_output_dir, gather, is_main_process, log, pick_device,
-                               progress_reporter, shard, start_distributed, world)
-from MLPipeline.CreateDataset import (build_index, decode_to_disk, make_augmenter, mark_skipped, one_hot,
-                                      stratified_split, to_model_input, usable)
+from MLPipeline.Common import (UserError, autocast, check_output_dir, gather, is_main_process, log, output_lock,
+                               pick_device, progress_reporter, shard, start_distributed, world)
+from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, decode_to_disk, make_augmenter, mark_duplicates,
+                                      mark_skipped, one_hot, skip_reasons, stratified_split, to_model_input, usable)
 from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, extract_features
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
@@ -74,6 +75,10 @@ class TrainConfig:
                                     "decoded images during one (default: OUTPUT_DIR/cache)", kind=Path)
     workers: int = option(min(4, os.cpu_count() or 1), "worker processes that read and augment images when "
                           "training reads them every epoch (0: the main process)", lambda v: v >= 0, "be 0 or more")
+    max_pixels: int = option(MAX_PIXELS, "images with more pixels are skipped, unread (a safe limit on memory); "
+                             "raise it for big scans", lambda v: v >= 1, "be at least 1")
+    dedupe: bool = option(False, "a test (or val) file with the same bytes as a training file is always reported; "
+                          "--dedupe also skips it, keeping the training copy")
     backbone: str = option("resnet50", "network to fine-tune", choices=BACKBONES, group=IMPROVEMENT)
     schedule: str = option("none", "cosine: anneal the learning rate to 0 over the epochs",
                            choices=("none", "cosine"), group=IMPROVEMENT, recorded=True)
@@ -96,12 +101,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise UserError for settings out of range, before any work is done."""
         for option_field in fields(self):
-            value, rules = getattr(self, option_field.name), option_field.metadata
-            flag = "--" + option_field.name.replace("_", "-")
-            if rules["valid"] and not rules["valid"](value):
-                raise UserError(f"{flag} must {rules['must']}, not {value}")
-            if rules["choices"] and value not in rules["choices"]:
-                raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
+            check_option(option_field, getattr(self, option_field.name))
         pick_device(self.device)
         check_output_dir(self.output_dir)
 
@@ -109,6 +109,15 @@ class TrainConfig:
         """The settings that shaped the weights, as stored in the checkpoint."""
         return {option_field.name: getattr(self, option_field.name) for option_field in fields(self)
                 if option_field.metadata["recorded"]}
+
+
+def check_option(option_field: Field, value) -> None:
+    """Raise UserError when `value` breaks the rules of its option (a field of TrainConfig)."""
+    rules, flag = option_field.metadata, "--" + option_field.name.replace("_", "-")
+    if rules["valid"] and not rules["valid"](value):
+        raise UserError(f"{flag} must {rules['must']}, not {value}")
+    if rules["choices"] and value not in rules["choices"]:
+        raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
 
 
 @dataclass
@@ -124,7 +133,7 @@ def index_dataset(config: TrainConfig) -> pd.DataFrame:
     index = build_index(config.data_dir, config.test_size, config.seed)
     if config.val_size:
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
-    return index
+    return mark_duplicates(index, config.dedupe)
 
 
 def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], model: Classifier, arch: str,
@@ -139,7 +148,7 @@ def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], mo
     cache = FeatureCache(cache_dir, backbone_fingerprint(model, arch, config.img_size)) if with_features else None
     splits, skipped = {}, {}
     for name in ("train", "val", "test"):
-        rows = index[index.split == name]
+        rows = usable(index[index.split == name])  # files already skipped (not images, duplicates): not read
         if rows.empty:
             continue
         paths = rows.path.tolist()
@@ -147,7 +156,7 @@ def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], mo
             features, positions, bad = features_of_every_shard(model, paths, config, device, cache)
             inputs = {"features": features.to(device)}
         else:  # augmented images differ every epoch: the backbone must see each one
-            images, positions, bad = decode_to_disk(paths, config.img_size, cache_dir)
+            images, positions, bad = decode_to_disk(paths, config.img_size, cache_dir, config.max_pixels)
             inputs = {"images": images}
         labels = torch.tensor(rows.label.iloc[positions].map(classes.index).to_numpy(), device=device)
         splits[name], skipped = Split(labels, **inputs), {**skipped, **bad}
@@ -157,7 +166,7 @@ def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], mo
         cache.save()
     log.info("data: %s images of %d classes (%s), %d skipped; device %s",
              " + ".join(f"{len(split.labels)} {name}" for name, split in splits.items()), len(classes),
-             ", ".join(classes), len(skipped), device)
+             ", ".join(classes), (index.skipped != "").sum(), device)
     return index, splits
 
 
@@ -168,7 +177,7 @@ def features_of_every_shard(model: Classifier, paths: list[str], config: TrainCo
     trains on all the features in every process, exactly as in one process."""
     mine = shard(paths)
     features, positions, skipped = extract_features(model, [paths[i] for i in mine], config.img_size, device,
-                                                    config.inference_batch_size, cache)
+                                                    config.inference_batch_size, cache, config.max_pixels)
     parts = gather((features.cpu(), [mine[p] for p in positions], skipped))
     positions = [position for _, shard_positions, _ in parts for position in shard_positions]
     order = np.argsort(positions, kind="stable")
@@ -360,8 +369,17 @@ class TrainingRun:
 
 
 def train(config: TrainConfig) -> TrainingRun:
-    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir."""
+    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir.
+
+    The output folder is locked for the run: a second run on it stops at once instead of mixing outputs.
+    """
     config.check()
+    with output_lock(config.output_dir) if is_main_process() else contextlib.nullcontext():  # rank 0 writes
+        return run_training(config)
+
+
+def run_training(config: TrainConfig) -> TrainingRun:
+    """train()'s work, once the settings are checked and the output folder is held."""
     device = start_distributed(pick_device(config.device))
     started = time.perf_counter()
     index = index_dataset(config)
@@ -402,12 +420,13 @@ def train(config: TrainConfig) -> TrainingRun:
 
 
 def dataset_summary(index: pd.DataFrame) -> dict:
-    """Images used per class and split, and the files skipped with their reasons."""
-    skipped = index[index.skipped != ""]
+    """Images used per class and split, the files skipped with their reasons, and held-out copies of training files."""
+    skipped, duplicates = skip_reasons(index), index[index.duplicate_of != ""]
     return {"classes": sorted(index.label.unique()),
             "counts": {label: rows.split.value_counts().sort_index().to_dict()
                        for label, rows in usable(index).groupby("label")},
-            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))}
+            "skipped_count": len(skipped), "skipped": skipped,
+            "duplicates": dict(zip(duplicates.path, duplicates.duplicate_of))}
 
 
 def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoint: dict) -> None:

@@ -173,11 +173,11 @@ def test_class_names_that_are_not_identifiers_work_end_to_end(tmp_path):
 def test_data_folder_with_only_unsupported_files_is_an_error_not_demo_data(tmp_path, monkeypatch, capsys):
     data_dir = tmp_path / "Data"
     (data_dir / "phone").mkdir(parents=True)
-    (data_dir / "phone" / "IMG_0001.HEIC").write_bytes(b"not supported here")
+    (data_dir / "phone" / "IMG_0001.MOV").write_bytes(b"a video, not an image")
     monkeypatch.setattr(engine, "DEFAULT_DATA_DIR", data_dir)
     assert engine.main(["--output-dir", str(tmp_path / "out"), *FAST]) == 2
     assert "no images found" in capsys.readouterr().err
-    assert sorted(p.name for p in data_dir.rglob("*")) == ["IMG_0001.HEIC", "phone"]
+    assert sorted(p.name for p in data_dir.rglob("*")) == ["IMG_0001.MOV", "phone"]
 
 
 def test_a_mistyped_command_is_named(capsys):
