@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import sys
 from pathlib import Path
@@ -18,11 +19,11 @@ import pandas as pd
 import torch
 
 from MLPipeline import Report
-from MLPipeline.Common import UserError
+from MLPipeline.Common import UserError, is_main_process
 from MLPipeline.Export import FORMATS, export_model
 from MLPipeline.Predict import evaluate, load_model, predict
 from MLPipeline.SyntheticData import make_demo_data
-from MLPipeline.Train import TrainConfig, train
+from MLPipeline.Train import TrainConfig, check_option, train
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -52,10 +53,13 @@ def holds_nothing_but_readme(folder: Path) -> bool:
 def run_predict(args: argparse.Namespace) -> int:
     if args.csv and args.csv.is_dir():
         raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
     model = load_model(args.model, args.device)
-    results = predict(model, args.paths)
+    results = predict(model, args.paths, max_pixels=args.max_pixels)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
+    if not is_main_process():  # under torchrun every process has the whole table; rank 0 reports it
+        return 2 if (results.error != "").any() else 0
     for _, row in results[results.error == ""].iterrows():  # the failed ones were named as they were skipped
         ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
         print(f"{row['input']}\t" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
@@ -69,8 +73,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
     model = load_model(args.model, args.device)
-    report = evaluate(model, args.data_dir, args.output_dir)
+    report = evaluate(model, args.data_dir, args.output_dir, args.max_pixels)
+    if not is_main_process():
+        return 0
     print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
           f"(model backbone {'pretrained' if model.info['pretrained'] else 'NOT pretrained'})")
     print(pd.DataFrame(report["per_class"]).to_string(index=False, float_format="%.3f"))
@@ -103,25 +110,29 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="auto (default) uses the GPU when PyTorch sees one")
 
 
-TRAIN_OPTIONS = tuple(option.name for option in dataclasses.fields(TrainConfig))
+CONFIG_OPTIONS = {option.name: option for option in dataclasses.fields(TrainConfig)}
+TRAIN_OPTIONS = tuple(CONFIG_OPTIONS)
 CLI_DEFAULTS = {"data_dir": None, "output_dir": DEFAULT_OUTPUT_DIR}  # Data/ and output/ next to engine.py
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field: its name, default, help and choices come from the field."""
+    """One flag per TrainConfig field, placed in the help by its group."""
     groups = {"": parser}
-    for option in dataclasses.fields(TrainConfig):
-        rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
-        if rules["group"] not in groups:
-            groups[rules["group"]] = parser.add_argument_group(rules["group"])
-        flag = "--" + option.name.replace("_", "-")
-        if isinstance(option.default, bool):  # --augment / --no-augment
-            groups[rules["group"]].add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                                help=rules["help"])
-            continue
-        value_type = float if option.default is None else type(option.default)
-        groups[rules["group"]].add_argument(flag, type=value_type, default=default, choices=rules["choices"] or None,
-                                            help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
+    for option in CONFIG_OPTIONS.values():
+        if option.metadata["group"] not in groups:
+            groups[option.metadata["group"]] = parser.add_argument_group(option.metadata["group"])
+        add_option(groups[option.metadata["group"]], option)
+
+
+def add_option(parser: argparse.ArgumentParser, option: dataclasses.Field) -> None:
+    """The flag of a TrainConfig field on a parser (or a group of one): name, default, help, choices from the field."""
+    rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
+    flag = "--" + option.name.replace("_", "-")
+    if isinstance(option.default, bool):  # --augment / --no-augment
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=rules["help"])
+        return
+    parser.add_argument(flag, type=rules["kind"], default=default, choices=rules["choices"] or None,
+                        help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -140,6 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
     predictor.add_argument("--top-k", type=positive_int, default=1, help="how many classes to print per image")
     add_device_option(predictor)
+    add_option(predictor, CONFIG_OPTIONS["max_pixels"])
 
     evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
     evaluator.set_defaults(command=run_evaluate)
@@ -147,6 +159,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
     add_device_option(evaluator)
+    add_option(evaluator, CONFIG_OPTIONS["max_pixels"])
 
     exporter = commands.add_parser("export", help="write the trained model as ONNX (or torch.export .pt2) for use "
                                    "without this project")
@@ -177,8 +190,13 @@ def setup_logging() -> None:
 
     OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
     So are the ONNX exporter's notes on each of its passes: export says what it checked and wrote.
+    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
+    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
     """
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
+            stream.reconfigure(errors=errors)
     to_stdout = logging.StreamHandler(sys.stdout)
     to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
     to_stderr = logging.StreamHandler(sys.stderr)

@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 
 from MLPipeline import Report
-from MLPipeline.Common import UserError, check_output_dir, log, pick_device
-from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, load_images,
-                                      mark_skipped, resize, usable)
+from MLPipeline.Common import (UserError, check_output_dir, gather, is_main_process, log, pick_device,
+                               progress_reporter, shard, start_distributed)
+from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, resize, skip_reasons,
+                                      stream_images, usable)
 from MLPipeline.Export import OnnxModel, load_onnx_model
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches, load_checkpoint, prepare_model
 
@@ -44,7 +45,7 @@ def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> Tr
         raise UserError(f"{path} is a torch.export program: load it with torch.export.load; predict and evaluate "
                         f"take model.pt or an exported .onnx file")
     network, checkpoint = load_checkpoint(path)
-    target = pick_device(device)
+    target = start_distributed(pick_device(device))
     info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
     return TrainedModel(prepare_model(network, target), checkpoint["classes"], checkpoint["img_size"],
                         tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info)
@@ -61,43 +62,77 @@ def expand_inputs(inputs: list) -> list:
     return expanded
 
 
-def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int = 64) -> pd.DataFrame:
+def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int = 64, max_pixels: int | None = None,
+            ) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
     otherwise why the input could not be classified, and the other columns are empty).
-    Files are decoded by load_images, exactly as in training.
+    Files are decoded as in training, chunk by chunk (images over max_pixels are refused): a folder of any size
+    keeps memory flat. Under torchrun
+    each process classifies its shard of the inputs, and every process returns the whole table, in order.
     """
     items = expand_inputs(inputs)
-    decoded, skipped = load_images([str(item) for item in items if not isinstance(item, np.ndarray)],
-                                   model.img_size)
-    next_decoded = iter(decoded)
-    rows, images = [], []
-    for position, item in enumerate(items):
-        if not isinstance(item, np.ndarray):
-            error = skipped.get(str(item), "")
-            image = None if error else next(next_decoded)
-        elif item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            error, image = f"arrays must be H x W x 3 uint8 RGB, not {item.shape} {item.dtype}", None
-        else:
-            error, image = "", resize(item, model.img_size)
-        rows.append({"input": f"array[{position}]" if isinstance(item, np.ndarray) else str(item), "error": error})
-        if image is not None:
-            images.append(image)
-    results = pd.DataFrame(rows, columns=["input", "error"])
-    ok = results.error == ""
-    if images:
-        probabilities = model.logits(np.stack(images), batch_size).softmax(1).numpy()
-        results.loc[ok, "label"] = [model.classes[i] for i in probabilities.argmax(1)]
-        results.loc[ok, "confidence"] = probabilities.max(1)
-        for column, name in enumerate(model.classes):
-            results.loc[ok, f"p_{name}"] = probabilities[:, column]
-    columns = ["input", "label", "confidence", *[f"p_{name}" for name in model.classes], "error"]
-    return results.reindex(columns=columns)
+    mine = shard(items)
+    probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
+    errors = [""] * len(items)
+    shard_results = classify(model, [items[i] for i in mine], batch_size, max_pixels)
+    for positions, shard_probabilities, shard_errors in gather((mine, *shard_results)):
+        probabilities[positions] = shard_probabilities
+        for position, error in zip(positions, shard_errors):
+            errors[position] = error
+    return results_table(items, probabilities, errors, model.classes)
 
 
-def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path) -> dict:
-    """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid."""
+def classify(model: TrainedModel | OnnxModel, items: list, batch_size: int = 64, max_pixels: int | None = None,
+             ) -> tuple[np.ndarray, list[str]]:
+    """(class probabilities, NaN where it failed; the error of each item, "" where it worked) of files and arrays."""
+    probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
+    errors = [""] * len(items)
+    arrays = [position for position, item in enumerate(items) if isinstance(item, np.ndarray)]
+    for position in arrays:
+        if items[position].ndim != 3 or items[position].shape[2] != 3 or items[position].dtype != np.uint8:
+            errors[position] = f"arrays must be H x W x 3 uint8 RGB, not {items[position].shape} {items[position].dtype}"
+    good_arrays = [position for position in arrays if not errors[position]]
+    if good_arrays:
+        resized = np.stack([resize(items[position], model.img_size) for position in good_arrays])
+        probabilities[good_arrays] = model.logits(resized, batch_size).softmax(1).numpy()
+    files = [position for position in range(len(items)) if position not in set(arrays)]
+    paths = [str(items[position]) for position in files]
+    skipped, done, update = {}, 0, progress_reporter("predict", len(files))
+    for chunk in stream_images(paths, model.img_size, batch_size, max_pixels=max_pixels):
+        if chunk.positions:
+            logits = model.logits(chunk.images, batch_size)
+            probabilities[[files[p] for p in chunk.positions]] = logits.softmax(1).numpy()
+        skipped.update(chunk.skipped)
+        done += len(chunk.positions) + len(chunk.skipped)
+        update(done)
+    for position, path in zip(files, paths):
+        errors[position] = skipped.get(path, "") if np.isnan(probabilities[position, 0]) else ""
+    return probabilities, errors
+
+
+def results_table(items: list, probabilities: np.ndarray, errors: list[str], classes: list[str]) -> pd.DataFrame:
+    """predict()'s rows: input, label, confidence, p_<class>..., error; empty where the input failed."""
+    ok = np.array([not error for error in errors], dtype=bool)
+    results = pd.DataFrame({"input": [f"array[{position}]" if isinstance(item, np.ndarray) else str(item)
+                                      for position, item in enumerate(items)]})
+    results["label"] = pd.Series([classes[i] for i in probabilities[ok].argmax(1)], index=results.index[ok],
+                                 dtype=object)
+    results["confidence"] = pd.Series(probabilities[ok].max(1) if ok.any() else [], index=results.index[ok],
+                                      dtype=float)
+    for column, name in enumerate(classes):
+        results[f"p_{name}"] = pd.Series(probabilities[ok, column], index=results.index[ok], dtype=float)
+    results["error"] = errors
+    return results
+
+
+def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,
+             max_examples: int = 36) -> dict:
+    """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid.
+
+    Images stream through the model chunk by chunk; only the first `max_examples` misclassified ones are kept.
+    """
     check_data_dir(data_dir)
     check_output_dir(output_dir)
     presplit = find_presplit(Path(data_dir))  # a pre-split folder is scored on its test part
@@ -111,16 +146,45 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path) 
         index = index[~index.label.isin(unknown)].reset_index(drop=True)
         if index.empty:
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
-    images, skipped = load_images(index.path.tolist(), model.img_size)
-    index = usable(mark_skipped(index, skipped)).reset_index(drop=True)
-    if index.empty:
-        raise UserError(f"no readable images in {data_dir}")
+    skipped = skip_reasons(index)  # files that are not images: named when the folder was read
+    index = usable(index).reset_index(drop=True)
     true_labels = index.label.map(model.classes.index).to_numpy()
-    probabilities = model.logits(images).softmax(1).numpy()
+    probabilities = np.full((len(index), len(model.classes)), np.nan, np.float32)
+    examples = {}
+    for shard_probabilities, shard_skipped, shard_examples in gather(
+            score_shard(model, index.path.tolist(), true_labels, max_examples, max_pixels)):
+        probabilities[list(shard_probabilities)] = list(shard_probabilities.values())
+        skipped.update(shard_skipped)
+        examples.update(shard_examples)
+    scored = ~np.isnan(probabilities[:, 0])
+    if not scored.any():
+        raise UserError(f"no readable images in {data_dir}")
+    index, probabilities, true_labels = index[scored].reset_index(drop=True), probabilities[scored], true_labels[scored]
     predicted = probabilities.argmax(1)
     report = Report.classification_report(true_labels, predicted, model.classes)
     report.update(unknown_classes=unknown, skipped=skipped, images=len(index), model_info={
         key: model.info[key] for key in ("arch", "weights_source", "pretrained", "created_utc")})
-    Report.write_evaluation(Path(output_dir), report, index.assign(predicted=[model.classes[i] for i in predicted],
-                                                                    confidence=probabilities.max(1)), images)
+    predictions = index.assign(predicted=[model.classes[i] for i in predicted], confidence=probabilities.max(1))
+    if is_main_process():
+        first_wrong = sorted(examples)[:max_examples]  # the order of the rows of `predictions`
+        Report.write_evaluation(Path(output_dir), report, predictions, np.array([examples[p] for p in first_wrong]))
     return report
+
+
+def score_shard(model: TrainedModel | OnnxModel, paths: list[str], true_labels: np.ndarray, max_examples: int,
+                max_pixels: int | None = None) -> tuple[dict[int, np.ndarray], dict[str, str], dict[int, np.ndarray]]:
+    """This process's share of evaluate(): ({position: probabilities}, {bad path: reason}, and the images of
+    its first `max_examples` misclassified files by position). Images stream through chunk by chunk."""
+    mine = shard(paths)
+    probabilities, skipped, examples, done = {}, {}, {}, 0
+    update = progress_reporter("evaluate", len(mine))
+    for chunk in stream_images([paths[i] for i in mine], model.img_size, max_pixels=max_pixels):
+        chunk_probabilities = model.logits(chunk.images).softmax(1).numpy() if chunk.positions else []
+        for position, row, image in zip(chunk.positions, chunk_probabilities, chunk.images):
+            probabilities[mine[position]] = row
+            if row.argmax() != true_labels[mine[position]] and len(examples) < max_examples:
+                examples[mine[position]] = image
+        skipped.update(chunk.skipped)
+        done += len(chunk.positions) + len(chunk.skipped)
+        update(done)
+    return probabilities, skipped, examples

@@ -32,7 +32,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_csv(path: Path, table: pd.DataFrame) -> None:
-    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False))
+    """A CSV file in UTF-8; a file name that is not valid UTF-8 is written byte for byte, as the disk has it
+    (read it back with encoding_errors="surrogateescape")."""
+    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False, errors="surrogateescape"))
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -86,9 +88,11 @@ def plot_misclassified(images: np.ndarray, titles: list[str], path: Path, column
     save_figure(figure, path)
 
 
-def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, images: np.ndarray,
-                     max_examples: int = 36) -> None:
-    """metrics.json, per_class.csv, confusion_matrix.csv/.png, predictions.csv and misclassified.png."""
+def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, misclassified: np.ndarray) -> None:
+    """metrics.json, per_class.csv, confusion_matrix.csv/.png, predictions.csv and misclassified.png.
+
+    misclassified: the images of the first misclassified rows of `predictions`, in order.
+    """
     write_json(output_dir / "metrics.json", report)
     write_csv(output_dir / "per_class.csv", pd.DataFrame(report["per_class"]))
     confusion = np.array(report["confusion_matrix"])
@@ -97,7 +101,7 @@ def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, 
               .rename_axis("true \\ predicted").reset_index())
     plot_confusion_matrix(confusion, report["classes"], output_dir / "confusion_matrix.png")
     write_csv(output_dir / "predictions.csv", predictions)
-    wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:max_examples]
-    plot_misclassified(images[wrong], [f"{predictions.label[i]}\n-> {predictions.predicted[i]}\n"
+    wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:len(misclassified)]
+    plot_misclassified(misclassified, [f"{predictions.label[i]}\n-> {predictions.predicted[i]}\n"
                                        f"{Path(predictions.path[i]).name[:24]}" for i in wrong],
                        output_dir / "misclassified.png")

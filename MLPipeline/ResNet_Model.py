@@ -334,3 +334,20 @@ def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: 
             outputs.append(network(batch).float())
             update(start + batch_size)
     return torch.cat(outputs) if outputs else torch.zeros(0, device=device)
+
+
+# --- The original project's entry points (see README: Coming from the original project)
+
+class ResNET_Model:
+    """The original's model factory: `model_builder()` gives the model `python engine.py` trains."""
+
+    def model_builder(self, num_classes: int = 3, weights: str = "auto") -> Classifier:
+        """ResNet50 under the same weights policy as the CLI (`auto`: ImageNet, or the pip-installed
+        EfficientNet-Lite0 with a warning), frozen, with a new linear head for num_classes.
+
+        The returned model carries its provenance (arch, weights_source, pretrained) as `.provenance`,
+        which TrainRestNet writes into the checkpoint.
+        """
+        model, provenance = build_model(num_classes, weights=weights)
+        model.provenance = provenance
+        return model

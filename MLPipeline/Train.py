@@ -7,8 +7,10 @@ fraction of the time. `feature_cache=False` runs the original's full forward pas
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from MLPipeline import Report
-from MLPipeline.Common import UserError, autocast, check_output_dir, log, pick_device, progress_reporter
-from MLPipeline.CreateDataset import (build_index, load_images, make_augmenter, mark_skipped, one_hot,
-                                      stratified_split, to_model_input, usable)
+from MLPipeline.Common import (UserError, autocast, check_output_dir, gather, is_main_process, log, output_lock,
+                               pick_device, progress_reporter, shard, start_distributed, world)
+from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, decode_to_disk, make_augmenter, mark_duplicates,
+                                      mark_skipped, one_hot, skip_reasons, stratified_split, to_model_input, usable)
+from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, extract_features
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
 
@@ -28,14 +32,16 @@ MAX_IMG_SIZE = 1024  # beyond this a run would only exhaust memory
 
 
 def option(default, help: str, valid=None, must: str = "", choices: tuple = (), group: str = "",
-           recorded: bool = False):
+           recorded: bool = False, kind: type | None = None):
     """One training option, defined once: the CLI flag (--name-with-dashes), TrainConfig and the checks follow.
 
     valid(value) -> bool with `must` saying what the value must be; `recorded` options shaped the weights
-    and are stored in the checkpoint; `group` places the flag in the CLI's help.
+    and are stored in the checkpoint; `group` places the flag in the CLI's help; `kind` is the value's type
+    (by default the default's).
     """
     return field(default=default, metadata={"help": help, "valid": valid, "must": must, "choices": choices,
-                                            "group": group, "recorded": recorded})
+                                            "group": group, "recorded": recorded,
+                                            "kind": kind or type(default)})
 
 
 IMPROVEMENT = "the original's suggested improvements (all off by default)"
@@ -65,12 +71,20 @@ class TrainConfig:
                                  "same results, much slower)")
     inference_batch_size: int = option(64, "batch size of feature extraction and scoring", lambda v: v >= 1,
                                        "be at least 1")
+    cache_dir: Path | None = option(None, "where a frozen backbone's features are kept between runs, and "
+                                    "decoded images during one (default: OUTPUT_DIR/cache)", kind=Path)
+    workers: int = option(min(4, os.cpu_count() or 1), "worker processes that read and augment images when "
+                          "training reads them every epoch (0: the main process)", lambda v: v >= 0, "be 0 or more")
+    max_pixels: int = option(MAX_PIXELS, "images with more pixels are skipped, unread (a safe limit on memory); "
+                             "raise it for big scans", lambda v: v >= 1, "be at least 1")
+    dedupe: bool = option(False, "a test (or val) file with the same bytes as a training file is always reported; "
+                          "--dedupe also skips it, keeping the training copy")
     backbone: str = option("resnet50", "network to fine-tune", choices=BACKBONES, group=IMPROVEMENT)
     schedule: str = option("none", "cosine: anneal the learning rate to 0 over the epochs",
                            choices=("none", "cosine"), group=IMPROVEMENT, recorded=True)
     augment: bool = option(False, "random crops, small rotations, perspective, brightness/contrast/colour "
-                           "jitter on training images (disables the feature cache)", group=IMPROVEMENT,
-                           recorded=True)
+                           "jitter on training images (the backbone then runs on every training batch)",
+                           group=IMPROVEMENT, recorded=True)
     flips: bool = option(False, "with --augment, also mirror images; off by default because mirrored text never "
                          "occurs in real photos of documents", group=IMPROVEMENT, recorded=True)
     unfreeze: str = option("none", "also train the backbone's last stage (layer4 on ResNets) or all of it; "
@@ -78,7 +92,7 @@ class TrainConfig:
                            group=IMPROVEMENT, recorded=True)
     backbone_lr: float | None = option(None, "learning rate of unfrozen backbone layers (default: --lr / 10)",
                                        lambda v: v is None or v > 0, "be positive", group=IMPROVEMENT,
-                                       recorded=True)
+                                       recorded=True, kind=float)
     val_size: float = option(0.0, "carve this fraction of each class's training images out as a validation "
                              "set and keep the epoch with the lowest validation loss (the test set is never "
                              "used to choose)", lambda v: 0 <= v < 1, "be 0 (off) or between 0 and 1",
@@ -87,12 +101,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise UserError for settings out of range, before any work is done."""
         for option_field in fields(self):
-            value, rules = getattr(self, option_field.name), option_field.metadata
-            flag = "--" + option_field.name.replace("_", "-")
-            if rules["valid"] and not rules["valid"](value):
-                raise UserError(f"{flag} must {rules['must']}, not {value}")
-            if rules["choices"] and value not in rules["choices"]:
-                raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
+            check_option(option_field, getattr(self, option_field.name))
         pick_device(self.device)
         check_output_dir(self.output_dir)
 
@@ -102,35 +111,81 @@ class TrainConfig:
                 if option_field.metadata["recorded"]}
 
 
+def check_option(option_field: Field, value) -> None:
+    """Raise UserError when `value` breaks the rules of its option (a field of TrainConfig)."""
+    rules, flag = option_field.metadata, "--" + option_field.name.replace("_", "-")
+    if rules["valid"] and not rules["valid"](value):
+        raise UserError(f"{flag} must {rules['must']}, not {value}")
+    if rules["choices"] and value not in rules["choices"]:
+        raise UserError(f"{flag} must be one of {', '.join(rules['choices'])}, not {value}")
+
+
 @dataclass
 class Split:
-    """One split's decoded images (N x S x S x 3 uint8) and class indices; `features` once computed."""
-    images: np.ndarray
+    """One split's class indices and what the model reads for it, decoded once."""
     labels: torch.Tensor
-    features: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # frozen backbone: N x D features, on the device
+    images: np.ndarray | None = None  # otherwise: N x S x S x 3 uint8, memory-mapped from disk
 
 
-def load_dataset(config: TrainConfig, device: torch.device) -> tuple[pd.DataFrame, list[str], dict[str, Split]]:
-    """Index the data folder, split it, decode every image once; returns (index, classes, splits).
-
-    The index keeps every file with its split and, for files that could not be used, the reason.
-    """
+def index_dataset(config: TrainConfig) -> pd.DataFrame:
+    """Every image file with its label and split (train, test and, with --val-size, val)."""
     index = build_index(config.data_dir, config.test_size, config.seed)
     if config.val_size:
         index = stratified_split(index, config.val_size, config.seed, to_split="val")
-    classes = sorted(index.label.unique())
-    images, skipped = load_images(index.path.tolist(), config.img_size)
+    return mark_duplicates(index, config.dedupe)
+
+
+def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], model: Classifier, arch: str,
+                device: torch.device) -> tuple[pd.DataFrame, dict[str, Split]]:
+    """Decode each split once: into features, when the backbone is frozen (and the feature cache on), or
+    into a file on disk, when training reads the images every epoch (augmentation, unfrozen layers).
+
+    Returns the index with each unusable file's reason in `skipped`, and the splits.
+    """
+    cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
+    with_features = model.frozen and config.feature_cache
+    cache = FeatureCache(cache_dir, backbone_fingerprint(model, arch, config.img_size)) if with_features else None
+    splits, skipped = {}, {}
+    for name in ("train", "val", "test"):
+        rows = usable(index[index.split == name])  # files already skipped (not images, duplicates): not read
+        if rows.empty:
+            continue
+        paths = rows.path.tolist()
+        if with_features and not (name == "train" and config.augment):
+            features, positions, bad = features_of_every_shard(model, paths, config, device, cache)
+            inputs = {"features": features.to(device)}
+        else:  # augmented images differ every epoch: the backbone must see each one
+            images, positions, bad = decode_to_disk(paths, config.img_size, cache_dir, config.max_pixels)
+            inputs = {"images": images}
+        labels = torch.tensor(rows.label.iloc[positions].map(classes.index).to_numpy(), device=device)
+        splits[name], skipped = Split(labels, **inputs), {**skipped, **bad}
     index = mark_skipped(index, skipped)
-    used = usable(index)
-    check_enough_left(used, classes, config.val_size > 0)
-    split_of = used.split.to_numpy()
-    labels = torch.tensor(used.label.map(classes.index).to_numpy(), device=device)
-    splits = {name: Split(images[split_of == name], labels[torch.from_numpy(split_of == name).to(device)])
-              for name in ("train", "val", "test") if (split_of == name).any()}
+    check_enough_left(usable(index), classes, config.val_size > 0)
+    if cache and len(cache.rows) > cache.loaded and is_main_process():  # a run that stops here writes nothing
+        cache.save()
     log.info("data: %s images of %d classes (%s), %d skipped; device %s",
              " + ".join(f"{len(split.labels)} {name}" for name, split in splits.items()), len(classes),
-             ", ".join(classes), len(skipped), device)
-    return index, classes, splits
+             ", ".join(classes), (index.skipped != "").sum(), device)
+    return index, splits
+
+
+def features_of_every_shard(model: Classifier, paths: list[str], config: TrainConfig, device: torch.device,
+                            cache: FeatureCache | None) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+    """extract_features for this process's shard of `paths`, then everyone's, gathered in the files' order:
+    under torchrun each process decodes and runs the backbone on 1/N of the images, and the head then
+    trains on all the features in every process, exactly as in one process."""
+    mine = shard(paths)
+    features, positions, skipped = extract_features(model, [paths[i] for i in mine], config.img_size, device,
+                                                    config.inference_batch_size, cache, config.max_pixels)
+    parts = gather((features.cpu(), [mine[p] for p in positions], skipped))
+    positions = [position for _, shard_positions, _ in parts for position in shard_positions]
+    order = np.argsort(positions, kind="stable")
+    features = torch.cat([part_features for part_features, _, _ in parts])[torch.from_numpy(order)]
+    positions = [positions[i] for i in order]
+    if cache:
+        cache.update(paths, positions, features)
+    return features, positions, {path: reason for _, _, bad in parts for path, reason in bad.items()}
 
 
 def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -> None:
@@ -143,15 +198,6 @@ def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -
             raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
     for label in sorted(set(classes) - set(used.label[used.split == "test"])):
         log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
-
-
-def compute_features(model: Classifier, splits: dict[str, Split], config: TrainConfig,
-                     device: torch.device) -> None:
-    """A frozen backbone gives each image the same features in every epoch: compute them once per split."""
-    model.eval()
-    for name, split in splits.items():
-        split.features = forward_in_batches(model.features, split.images, device, config.inference_batch_size,
-                                            label=f"features ({name})").clone()  # a normal tensor, to train on
 
 
 def split_logits(model: Classifier, split: Split, config: TrainConfig, device: torch.device) -> torch.Tensor:
@@ -169,30 +215,85 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def train_one_epoch(model: Classifier, train: Split, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    device: torch.device, shuffle: torch.Generator, augment=None, label: str = "") -> float:
-    """One pass over the training split in shuffled batches; returns the mean training loss."""
+class ShuffledBatches:
+    """Each epoch, a split's positions in a new order from one seeded generator, cut into batches.
+
+    Batches are drawn as positions, not by a DataLoader's own shuffling, so that the feature-cache path and
+    the image path see exactly the same batches and their results can be compared.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, sharded: bool = False):
+        self.size, self.batch_size, self.sharded = size, batch_size, sharded
+        self.generator = torch.Generator().manual_seed(seed)  # the same order in every process
+
+    def __iter__(self):
+        # A generator: the order is drawn when iteration starts, not when a DataLoader merely calls iter()
+        # (it does so twice when it starts its workers).
+        batches = torch.randperm(self.size, generator=self.generator).split(self.batch_size)
+        rank, size = world() if self.sharded else (0, 1)
+        # Sharded (DDP), each process takes every size-th batch, and all take the same number of steps,
+        # since gradients are averaged at each: the last ones wrap round to the first batches.
+        yield from (batches[(rank + step * size) % len(batches)].tolist() for step in range(len(self)))
+
+    def __len__(self) -> int:
+        batches = -(-self.size // self.batch_size)
+        return -(-batches // world()[1]) if self.sharded else batches
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """The training split's images, read from disk and augmented in the DataLoader's worker processes."""
+
+    def __init__(self, images: np.ndarray, augment=None):
+        self.images, self.augment = images, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.array(self.images[position]))
+        return (self.augment(image[None])[0] if self.augment else image), position
+
+
+def training_batches(train: Split, config: TrainConfig, device: torch.device):
+    """A function giving each epoch's (positions, images) batches; images is None on the features path.
+
+    Under torchrun the features path trains on every batch in every process (the same steps everywhere, so
+    the same head); the images path gives each process its share of the batches (DDP).
+    """
+    batches = ShuffledBatches(len(train.labels), config.batch_size, config.seed, sharded=train.features is None)
+    if train.features is not None:
+        return lambda: ((torch.tensor(positions), None) for positions in batches)
+    augment = make_augmenter(config.img_size, config.flips) if config.augment else None
+    loader = torch.utils.data.DataLoader(TrainImages(train.images, augment), batch_sampler=batches,
+                                         num_workers=config.workers, persistent_workers=config.workers > 0,
+                                         pin_memory=device.type == "cuda")
+    return lambda: ((positions, images) for images, positions in loader)
+
+
+def train_one_epoch(model: Classifier, network: torch.nn.Module, train: Split, batches,
+                    optimizer: torch.optim.Optimizer, device: torch.device, label: str = "") -> float:
+    """One pass over the training split; returns the mean training loss (over every process's batches).
+
+    network: the model itself, or under torchrun its DistributedDataParallel wrapper (which averages the
+    gradients of the processes' batches at each step).
+    """
     model.train()
-    # Batches are drawn as index lists from one seeded generator, so the feature-cache path and the
-    # full-forward path see exactly the same batches and their results can be compared.
-    order, loss_sum = torch.randperm(len(train.labels), generator=shuffle), 0.0
-    update = progress_reporter(label, len(order))
-    for first in range(0, len(order), config.batch_size):
-        batch = order[first:first + config.batch_size]
-        if train.features is not None:  # frozen backbone: the head reads the features computed once
-            logits = model.head(train.features[batch.to(device)])
+    loss_sum, seen, update = 0.0, 0, progress_reporter(label, len(train.labels))
+    for positions, images in batches:
+        positions = positions.to(device)
+        if images is None:  # frozen backbone: the head reads the features computed once
+            logits = model.head(train.features[positions])
         else:  # the whole network runs on the (augmented) images, as in the original
-            images = torch.from_numpy(train.images[batch.numpy()])
-            images = to_model_input((augment(images) if augment else images).to(device, non_blocking=True))
             with autocast(device, training=True):
-                logits = model(images).float()
-        loss = F.cross_entropy(logits, one_hot(train.labels[batch.to(device)], model.head.out_features))
+                logits = network(to_model_input(images.to(device, non_blocking=True))).float()
+        loss = F.cross_entropy(logits, one_hot(train.labels[positions], model.head.out_features))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(batch)
-        update(first + len(batch))
-    return loss_sum / len(order)
+        loss_sum, seen = loss_sum + loss.item() * len(positions), seen + len(positions)
+        update(seen)
+    totals = gather((loss_sum, seen)) if train.features is None else [(loss_sum, seen)]
+    return sum(total for total, _ in totals) / sum(count for _, count in totals)
 
 
 def make_optimizer(model: Classifier, config: TrainConfig):
@@ -214,13 +315,16 @@ def fit(model: Classifier, splits: dict[str, Split], config: TrainConfig, device
     Returns the per-epoch history and the epoch whose weights the model ends with.
     """
     optimizer, scheduler = make_optimizer(model, config)
-    augment = make_augmenter(config.img_size, config.flips) if config.augment else None
-    shuffle = torch.Generator().manual_seed(config.seed)
+    epoch_batches = training_batches(splits["train"], config, device)
+    network = model
+    if splits["train"].features is None and world()[1] > 1:  # frozen BatchNorm: no buffers to broadcast
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     held_out = [name for name in ("val", "test") if name in splits]
     history, start, best = [], time.perf_counter(), BestEpoch()
     for epoch in range(1, config.epochs + 1):
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row["train_loss"] = train_one_epoch(model, splits["train"], optimizer, config, device, shuffle, augment,
+        row["train_loss"] = train_one_epoch(model, network, splits["train"], epoch_batches(), optimizer, device,
                                             label=f"epoch {epoch} training")
         if scheduler:
             scheduler.step()
@@ -265,20 +369,26 @@ class TrainingRun:
 
 
 def train(config: TrainConfig) -> TrainingRun:
-    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir."""
-    config.check()
-    device = pick_device(config.device)
-    started = time.perf_counter()
-    index, classes, splits = load_dataset(config, device)
-    timings = {"decode_s": time.perf_counter() - started}
+    """The whole pipeline: index, decode, build, train, evaluate, then write every output to output_dir.
 
+    The output folder is locked for the run: a second run on it stops at once instead of mixing outputs.
+    """
+    config.check()
+    with output_lock(config.output_dir) if is_main_process() else contextlib.nullcontext():  # rank 0 writes
+        return run_training(config)
+
+
+def run_training(config: TrainConfig) -> TrainingRun:
+    """train()'s work, once the settings are checked and the output folder is held."""
+    device = start_distributed(pick_device(config.device))
+    started = time.perf_counter()
+    index = index_dataset(config)
+    classes = sorted(index.label.unique())
     torch.manual_seed(config.seed)  # the head's initial weights
     model, provenance = build_model(len(classes), config.backbone, config.weights, config.unfreeze)
     model = prepare_model(model, device)
-    if config.feature_cache and model.frozen and not config.augment:
-        phase = time.perf_counter()
-        compute_features(model, splits, config, device)
-        timings["features_s"] = time.perf_counter() - phase
+    index, splits = load_splits(config, index, classes, model, provenance["arch"], device)
+    timings = {"data_s": time.perf_counter() - started}  # decoding, and features where the backbone is frozen
 
     phase = time.perf_counter()
     history, best_epoch = fit(model, splits, config, device)
@@ -292,6 +402,7 @@ def train(config: TrainConfig) -> TrainingRun:
     metrics = {
         "config": settings, "device": str(device), "torch_version": str(torch.__version__), **provenance,
         "dataset": dataset_summary(index),
+        "trained_on": "features" if splits["train"].features is not None else "images",
         "history": history, "best_epoch": best_epoch,
         "test_accuracy": report["accuracy"], "test_loss": loss_and_accuracy(test_logits, test_labels)[0],
         **{key: value for key, value in report.items() if key != "accuracy"},
@@ -299,7 +410,8 @@ def train(config: TrainConfig) -> TrainingRun:
     }
     checkpoint = checkpoint_dict(model, classes, config.img_size, provenance,
                                  extra={"training": config.recorded_settings()})
-    write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
+    if is_main_process():
+        write_training_outputs(Path(config.output_dir), index, metrics, checkpoint)
     log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * report["accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["arch"],
              provenance["weights_source"], config.output_dir)
@@ -308,12 +420,13 @@ def train(config: TrainConfig) -> TrainingRun:
 
 
 def dataset_summary(index: pd.DataFrame) -> dict:
-    """Images used per class and split, and the files skipped with their reasons."""
-    skipped = index[index.skipped != ""]
+    """Images used per class and split, the files skipped with their reasons, and held-out copies of training files."""
+    skipped, duplicates = skip_reasons(index), index[index.duplicate_of != ""]
     return {"classes": sorted(index.label.unique()),
             "counts": {label: rows.split.value_counts().sort_index().to_dict()
                        for label, rows in usable(index).groupby("label")},
-            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))}
+            "skipped_count": len(skipped), "skipped": skipped,
+            "duplicates": dict(zip(duplicates.path, duplicates.duplicate_of))}
 
 
 def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoint: dict) -> None:
@@ -326,3 +439,103 @@ def write_training_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict,
     Report.plot_confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["classes"],
                                  output_dir / "confusion_matrix.png")
     save_checkpoint(output_dir / "model.pt", checkpoint)
+
+
+# --- The original project's entry points (see README: Coming from the original project)
+
+from MLPipeline.CreateDataset import CreateDataset  # noqa: E402 (kept with the entry points it serves)
+
+
+def TrainRestNet(model: Classifier, trainloader, testloader, epochs: int = 10, lr: float = 1e-3,
+                 classes: list[str] | None = None, output_dir: str | Path = "output",
+                 device: str = "auto") -> list[dict]:
+    """The original's training call: Adam, cross-entropy on one-hot targets, a line per epoch with the loss
+    and test accuracy, then output_dir/model.pt in this project's checkpoint format.
+
+    model: from ResNET_Model().model_builder() (it carries its weights' provenance). The loaders yield
+    (N x 3 x S x S images in [0, 1], N x C one-hot labels), as built from create_dataset's arrays; every batch
+    runs through the whole network, as in the original. classes: the checkpoint's class names, by default
+    those of the last create_dataset call. Returns one row per epoch: train loss, test loss, test accuracy.
+    """
+    config = TrainConfig(output_dir=Path(output_dir), epochs=epochs, lr=lr, device=device)
+    config.check()
+    img_size = check_batches(model, trainloader, testloader)
+    classes = checked_classes(classes, model.head.out_features)
+    target = pick_device(device)
+    model = prepare_model(model, target)
+    optimizer, _ = make_optimizer(model, config)
+    history = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, "train_loss": train_loader_epoch(model, trainloader, optimizer, target)}
+        row["test_loss"], row["test_accuracy"] = loss_and_accuracy(*loader_logits(model, testloader, target))
+        history.append(row)
+        # print, as the original did: a bare script sets up no logging, so log.info would show nothing
+        print(f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
+              f"test accuracy {100 * row['test_accuracy']:.2f}%")
+    settings = {"epochs": epochs, "lr": lr, "batch_size": getattr(trainloader, "batch_size", None)}
+    path = config.output_dir / "model.pt"
+    save_checkpoint(path, checkpoint_dict(model, classes, img_size, model.provenance, extra={"training": settings}))
+    print(f"test accuracy {100 * history[-1]['test_accuracy']:.2f}%; model saved to {path}")
+    return history
+
+
+def check_batches(model: Classifier, *loaders) -> int:
+    """Refuse, before any training, what would fail late or silently: returns the images' size.
+
+    Both loaders' first batch: square N x 3 x S x S images in [0, 1], the same S, and one-hot labels with a
+    column per output of the model (a test folder lacking a class would shift every label after it).
+    """
+    if not hasattr(model, "provenance"):
+        raise UserError("TrainRestNet needs the model from ResNET_Model().model_builder(), which records where "
+                        "its weights came from")
+    sizes = set()
+    for images, labels in (next(iter(loader), (None, None)) for loader in loaders):
+        if images is None:
+            raise UserError("a loader yields no batches")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise UserError(f"batches must hold N x 3 x S x S images, not {tuple(images.shape)}")
+        if images.min() < 0 or images.max() > 1:
+            raise UserError("images must be scaled to [0, 1] (the model normalises them itself)")
+        if labels.ndim != 2 or labels.shape[1] != model.head.out_features:
+            raise UserError(f"labels of shape {tuple(labels.shape)} do not fit a model with "
+                            f"{model.head.out_features} outputs: one-hot labels need a column per class, the "
+                            f"same classes in both folders, and model_builder(number of classes)")
+        sizes.add(images.shape[2])
+    if len(sizes) > 1:
+        raise UserError(f"training and test images differ in size ({' and '.join(map(str, sorted(sizes)))})")
+    return sizes.pop()
+
+
+def checked_classes(classes: list[str] | None, num_classes: int) -> list[str]:
+    """The class names for the checkpoint: those given, else those of the last create_dataset call."""
+    classes = classes if classes is not None else CreateDataset.last_classes
+    if classes is None or len(classes) != num_classes:
+        raise UserError(f"the model has {num_classes} outputs but the class names known are {classes}: pass "
+                        f"TrainRestNet(..., classes=[one name per one-hot column])")
+    return list(classes)
+
+
+def train_loader_epoch(model: Classifier, loader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """One pass over a loader of (images, one-hot labels) batches; returns the mean training loss."""
+    model.train()  # Classifier.train keeps a frozen backbone, and all BatchNorm, in eval mode
+    loss_sum, count = 0.0, 0
+    for images, labels in loader:
+        with autocast(device, training=True):
+            logits = model(images.to(device, non_blocking=True)).float()
+        loss = F.cross_entropy(logits, labels.to(device, non_blocking=True))  # one-hot targets, as the original
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_sum, count = loss_sum + loss.item() * len(images), count + len(images)
+    return loss_sum / count
+
+
+def loader_logits(model: Classifier, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (eval mode, on CPU) and class indices of every batch of a loader of (images, one-hot labels)."""
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), autocast(device):
+        for images, one_hot_labels in loader:
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+            labels.append(one_hot_labels.argmax(1))
+    return torch.cat(logits), torch.cat(labels)

@@ -52,9 +52,16 @@ def offline_torch_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests never touch the network: any attempt to connect fails loudly in-process."""
-    def refuse(*args, **kwargs):
-        raise OSError("tests must not use the network")
+    """Tests never touch the network: any attempt to connect over IP fails loudly in-process.
+
+    Unix sockets stay allowed: multiprocessing's fork server talks to its workers through one.
+    """
+    real_connect = socket.socket.connect
+
+    def refuse(self, address, *args, **kwargs):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError("tests must not use the network")
+        return real_connect(self, address, *args, **kwargs)
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 

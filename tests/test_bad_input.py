@@ -278,7 +278,8 @@ def test_odd_but_valid_image_is_used(messy, relative):
     path = str(messy.data / relative)
     assert path in messy.indexed, f"{relative} was not indexed"
     assert path not in messy.metrics["dataset"]["skipped"], messy.metrics["dataset"]["skipped"].get(path)
-    assert path not in messy.result.stderr
+    # never warned about, but as a copy: several of these files are the same bytes, split between train and test
+    assert not [line for line in messy.result.stderr.splitlines() if path in line and "exact copy" not in line]
 
 
 def test_every_good_and_odd_image_is_counted(messy):

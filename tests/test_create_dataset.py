@@ -86,7 +86,11 @@ def test_index_folder_extension_case_hidden_and_non_images(tmp_path):
     (cls / "notes.txt").write_text("not an image")
     (cls / "noext").write_bytes(jpeg_bytes())
     index = index_folder(tmp_path)
-    assert sorted(index.path) == sorted(str(p) for p in kept)
+    images = index[index.skipped == ""]
+    assert sorted(images.path) == sorted(str(p) for p in kept)
+    # a file that is not a supported image is listed, with the reason it is skipped; hidden and sidecar ones are not
+    assert dict(zip(index.path, index.skipped)) == {**{str(p): "" for p in kept},
+                                                    str(cls / "noext"): "unsupported file type (no extension)"}
     assert set(index.label) == {"cards"}
 
 
@@ -105,7 +109,8 @@ def test_class_folder_without_images_is_left_out_with_a_warning(tmp_path, caplog
 
 def test_build_index_on_shared_tiny_data(tiny_data):
     index = build_index(tiny_data, test_size=0.2, seed=42)
-    assert list(index.columns) == ["path", "label", "split"]
+    assert list(index.columns) == ["path", "label", "skipped", "split"]
+    assert (index.skipped == "").all()
     assert sorted(index.label.unique()) == sorted(p.name for p in tiny_data.iterdir() if p.is_dir())
     assert set(index.split) == {"train", "test"}
     for _, rows in index.groupby("label"):
@@ -439,11 +444,13 @@ def test_image_over_max_pixels(tmp_path, monkeypatch):
         read_image(big)
 
 
-def test_pillow_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+def test_pillow_decompression_bomb_limit_follows_max_pixels(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses files over twice this
     path = write_image(tmp_path / "bomb.png", size=(40, 48))
-    with pytest.raises(BadImageError):
-        read_image(path)
+    assert read_image(path).shape == (40, 48, 3)  # Pillow's lower limit does not refuse what max_pixels allows
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(BadImageError, match="--max-pixels"):  # what Pillow refuses is named as ours
+        read_image(path, max_pixels=100)
 
 
 def test_load_images_skips_and_reports_bad_files(tmp_path, monkeypatch, caplog):

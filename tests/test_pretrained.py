@@ -133,6 +133,17 @@ def test_pretrained_features_learn_the_demo_task_and_random_ones_do_not(demo_dat
     assert (saved["arch"], saved["pretrained"]) == (PIP_BACKBONE, True)
 
 
+def test_training_learns(pretrained_run, demo_data):
+    """Guards the loop itself: the loss falls, the head moves away from its initial weights."""
+    run, _ = pretrained_run
+    losses = [row["train_loss"] for row in run.metrics["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    torch.manual_seed(run.metrics["config"]["seed"])  # as train() does before building the model
+    initial, _ = build_model(3, PIP_BACKBONE, weights="auto")
+    assert not torch.allclose(initial.head.weight, run.model.head.weight.cpu(), atol=1e-3)
+    torch.testing.assert_close(initial.backbone.conv_stem.weight, run.model.backbone.conv_stem.weight.cpu())
+
+
 def test_predict_and_evaluate_agree_with_the_training_run(pretrained_run, tmp_path):
     run, output_dir = pretrained_run
     model = load_model(output_dir / "model.pt")
