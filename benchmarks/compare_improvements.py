@@ -3,8 +3,10 @@
     python benchmarks/compare_improvements.py            # every row, on Data/ (the demo set if it is empty)
     python benchmarks/compare_improvements.py --quick    # 1 epoch, 64 px: checks every row runs
 
-Each row runs `python engine.py FLAGS` exactly as printed in its command column and reads the
-metrics.json it writes; wall time is the whole command's, start-up and decoding included.
+Each row runs `python engine.py FLAGS` as printed in its command column, plus `--cache-dir` naming one
+folder for all rows: the frozen rows after the first find their features there (the feature cache at
+work), the others compute what they need. It reads the metrics.json each run writes; wall time is the
+whole command's, start-up and decoding included.
 Prints a Markdown table for the README.
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ def main() -> None:
             output_dir = Path(scratch) / str(number)
             start = time.perf_counter()
             result = subprocess.run([sys.executable, str(ROOT / "engine.py"), *flags, *quick_flags,
-                                     "--output-dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True)
+                                     "--output-dir", str(output_dir), "--cache-dir", str(Path(scratch) / "cache")],
+                                    cwd=ROOT, capture_output=True, text=True)
             seconds = time.perf_counter() - start
             command = " ".join(["python engine.py", *flags, *quick_flags])
             if result.returncode != 0:
