@@ -90,23 +90,27 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     `paths`, {bad path: reason}). Files in the cache are not read at all; the others stream through the
     backbone as they decode (cache.update() then remembers them)."""
     keys = [file_key(path) for path in paths]
-    found = {position: cache.rows[key] for position, key in enumerate(keys) if cache and key in cache.rows}
-    to_compute = [position for position in range(len(paths)) if position not in found]
+    found = [position for position, key in enumerate(keys) if cache and key in cache.rows]
+    to_compute = sorted(set(range(len(paths))) - set(found))
     if cache:
         log.info("features: %d image(s) from the cache (%s), %d to compute", len(found), cache.path,
                  len(to_compute))
-    computed, skipped, done = dict(found), {}, 0
+    # One tensor filled row by row: the features are held once, never stacked into a second copy.
+    features = torch.empty(len(paths), model.head.in_features)
+    done_ok = torch.zeros(len(paths), dtype=torch.bool)
+    for position in found:
+        features[position], done_ok[position] = cache.rows[keys[position]], True
+    skipped, done = {}, 0
     update = progress_reporter("features", len(to_compute))
     model.eval()
     for chunk in stream_images([paths[position] for position in to_compute], img_size, batch_size,
                                max_pixels=max_pixels):
-        features = forward_in_batches(model.features, chunk.images, device, batch_size).float().cpu()
-        for position, row in zip(chunk.positions, features.clone()):
-            computed[to_compute[position]] = row
+        rows = [to_compute[position] for position in chunk.positions]
+        if rows:
+            features[rows] = forward_in_batches(model.features, chunk.images, device, batch_size).float().cpu()
+            done_ok[rows] = True
         skipped.update(chunk.skipped)
         done += len(chunk.positions) + len(chunk.skipped)
         update(done)
-    positions = sorted(computed)
-    width = model.head.in_features
-    features = torch.stack([computed[p] for p in positions]) if positions else torch.zeros(0, width)
-    return features, positions, skipped
+    positions = done_ok.nonzero().flatten().tolist()
+    return (features if len(positions) == len(paths) else features[done_ok]), positions, skipped

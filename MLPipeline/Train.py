@@ -179,10 +179,11 @@ def features_of_every_shard(model: Classifier, paths: list[str], config: TrainCo
     features, positions, skipped = extract_features(model, [paths[i] for i in mine], config.img_size, device,
                                                     config.inference_batch_size, cache, config.max_pixels)
     parts = gather((features.cpu(), [mine[p] for p in positions], skipped))
-    positions = [position for _, shard_positions, _ in parts for position in shard_positions]
-    order = np.argsort(positions, kind="stable")
-    features = torch.cat([part_features for part_features, _, _ in parts])[torch.from_numpy(order)]
-    positions = [positions[i] for i in order]
+    if len(parts) > 1:  # in one process the features are in order already: no second copy of them
+        positions = [position for _, shard_positions, _ in parts for position in shard_positions]
+        order = np.argsort(positions, kind="stable")
+        features = torch.cat([part_features for part_features, _, _ in parts])[torch.from_numpy(order)]
+        positions = [positions[i] for i in order]
     if cache:
         cache.update(paths, positions, features)
     return features, positions, {path: reason for _, _, bad in parts for path, reason in bad.items()}
