@@ -145,8 +145,11 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
 # LOCAL_RANK set. Each takes its shard of the images; rank 0 alone logs progress and writes outputs.
 
 def world() -> tuple[int, int]:
-    """(this process's rank, number of processes): (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(this process's rank, number of processes) in the job it has joined: (0, 1) until start_distributed()
+    (a process that never joins, e.g. predicting with an .onnx file, works alone on everything)."""
+    if not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def is_main_process() -> bool:
@@ -158,7 +161,7 @@ def start_distributed(device: torch.device) -> torch.device:
 
     Every process but rank 0 logs warnings only, so progress is printed once.
     """
-    rank, size = world()
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if size == 1 or torch.distributed.is_initialized():
         return device
     if device.type == "cuda":

@@ -375,13 +375,13 @@ def train(config: TrainConfig) -> TrainingRun:
     The output folder is locked for the run: a second run on it stops at once instead of mixing outputs.
     """
     config.check()
+    device = start_distributed(pick_device(config.device))  # under torchrun: join the job first
     with output_lock(config.output_dir) if is_main_process() else contextlib.nullcontext():  # rank 0 writes
-        return run_training(config)
+        return run_training(config, device)
 
 
-def run_training(config: TrainConfig) -> TrainingRun:
+def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
     """train()'s work, once the settings are checked and the output folder is held."""
-    device = start_distributed(pick_device(config.device))
     started = time.perf_counter()
     index = index_dataset(config)
     classes = sorted(index.label.unique())
