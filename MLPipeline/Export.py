@@ -123,9 +123,10 @@ class OnnxModel:
     img_size: int
     info: dict  # the metadata: the checkpoint's fields other than the weights
 
-    def logits(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-        """Logits of decoded img_size x img_size uint8 RGB images, batch_size at a time."""
-        outputs, update = [np.zeros((0, len(self.classes)), np.float32)], progress_reporter("predict", len(images))
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
+        """Logits of decoded img_size x img_size uint8 RGB images, batch_size (default 64) at a time."""
+        batch_size, outputs = batch_size or 64, [np.zeros((0, len(self.classes)), np.float32)]
+        update = progress_reporter("predict", len(images))
         for start in range(0, len(images), batch_size):
             outputs += self.session.run([OUTPUT_NAME], {INPUT_NAME: images[start:start + batch_size]})
             update(start + batch_size)

@@ -77,13 +77,20 @@ class FeatureCache:
                 self.rows[key] = row
 
     def save(self) -> None:
+        """Write every row, atomically. The rows are views into the tensor of features their run computed, and
+        torch.save writes each tensor's memory once, so no second copy of the features is made; only when
+        over half of what that writes would be rows no key uses any more (files changed since) are the rows
+        packed into one new tensor first."""
         keys = list(self.rows)
-        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys,
-                  "features": torch.stack([self.rows[key] for key in keys])}
+        rows = [self.rows[key] for key in keys]
+        storages = {row.untyped_storage().data_ptr(): row.untyped_storage().nbytes() for row in rows}
+        if sum(storages.values()) > 2 * sum(row.nbytes for row in rows):
+            rows = list(torch.stack(rows))
+        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys, "features": rows}
         save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
 
 
-def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int,
+def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int | None,
                      cache: FeatureCache | None, max_pixels: int | None = None,
                      ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """Features (on the CPU) of the files that decode, in order; returns (features, their positions in
@@ -103,8 +110,7 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     skipped, done = {}, 0
     update = progress_reporter("features", len(to_compute))
     model.eval()
-    for chunk in stream_images([paths[position] for position in to_compute], img_size, batch_size,
-                               max_pixels=max_pixels):
+    for chunk in stream_images([paths[position] for position in to_compute], img_size, max_pixels=max_pixels):
         rows = [to_compute[position] for position in chunk.positions]
         if rows:
             features[rows] = forward_in_batches(model.features, chunk.images, device, batch_size).float().cpu()

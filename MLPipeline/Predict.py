@@ -28,7 +28,7 @@ class TrainedModel:
     device: torch.device
     info: dict  # the checkpoint's fields other than the weights
 
-    def logits(self, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
         return forward_in_batches(self.network, images, self.device, batch_size, label="predict").cpu()
 
@@ -62,8 +62,8 @@ def expand_inputs(inputs: list) -> list:
     return expanded
 
 
-def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int = 64, max_pixels: int | None = None,
-            ) -> pd.DataFrame:
+def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | None = None,
+            max_pixels: int | None = None) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
     Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
@@ -84,8 +84,8 @@ def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int = 64,
     return results_table(items, probabilities, errors, model.classes)
 
 
-def classify(model: TrainedModel | OnnxModel, items: list, batch_size: int = 64, max_pixels: int | None = None,
-             ) -> tuple[np.ndarray, list[str]]:
+def classify(model: TrainedModel | OnnxModel, items: list, batch_size: int | None = None,
+             max_pixels: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(class probabilities, NaN where it failed; the error of each item, "" where it worked) of files and arrays."""
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
     errors = [""] * len(items)
@@ -100,7 +100,7 @@ def classify(model: TrainedModel | OnnxModel, items: list, batch_size: int = 64,
     files = [position for position in range(len(items)) if position not in set(arrays)]
     paths = [str(items[position]) for position in files]
     skipped, done, update = {}, 0, progress_reporter("predict", len(files))
-    for chunk in stream_images(paths, model.img_size, batch_size, max_pixels=max_pixels):
+    for chunk in stream_images(paths, model.img_size, max_pixels=max_pixels):
         if chunk.positions:
             logits = model.logits(chunk.images, batch_size)
             probabilities[[files[p] for p in chunk.positions]] = logits.softmax(1).numpy()

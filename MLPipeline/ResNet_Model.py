@@ -307,31 +307,37 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
 
 
 def prepare_model(model: Classifier, device: torch.device) -> Classifier:
-    """Move the model to the device; on CUDA in channels_last, the layout its convolutions run fastest in."""
+    """Move the model to the device, in channels_last: the layout convolutions run fastest in, on cuDNN and
+    on the CPU's oneDNN alike (ResNet50 at 200 px on a 2-core CPU: 11 images/s against 9 in NCHW)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        return model.to(device, memory_format=torch.channels_last)
-    return model.to(device)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def inference_batch_size(device: torch.device) -> int:
+    """Images per forward pass where nothing trains: 64 on a GPU; 8 on the CPU, where a small batch's
+    activations stay in the caches (ResNet50 at 200 px, 2-core CPU: 11 images/s at 8, 8 at 128)."""
+    return 64 if device.type == "cuda" else 8
 
 
 def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
-                       batch_size: int, label: str = "forward") -> torch.Tensor:
+                       batch_size: int | None = None, label: str = "forward") -> torch.Tensor:
     """Run uint8 N x H x W x 3 images through `network` (a model in eval mode, or its `features`) in
-    inference mode; float32 outputs on the device. The callers: feature extraction, scoring, prediction.
+    inference mode, batch_size at a time (None: inference_batch_size(device)); float32 outputs on the device.
+    The callers: feature extraction, scoring, prediction.
 
-    On CUDA: pinned memory, non-blocking copies, channels_last and mixed precision.
+    The batches are channels_last, as prepare_model's weights; on CUDA also pinned memory, non-blocking
+    copies and mixed precision.
     Returns an inference tensor: `.clone()` it before using it to train.
     """
-    on_cuda = device.type == "cuda"
+    on_cuda, batch_size = device.type == "cuda", batch_size or inference_batch_size(device)
     source = torch.from_numpy(images)
     outputs, update = [], progress_reporter(label, len(images))
     with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
             chunk = source[start:start + batch_size]
             batch = to_model_input((chunk.pin_memory() if on_cuda else chunk).to(device, non_blocking=True))
-            if on_cuda:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            outputs.append(network(batch).float())
+            outputs.append(network(batch.contiguous(memory_format=torch.channels_last)).float())
             update(start + batch_size)
     return torch.cat(outputs) if outputs else torch.zeros(0, device=device)
 

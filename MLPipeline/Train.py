@@ -69,8 +69,9 @@ class TrainConfig:
     feature_cache: bool = option(True, "compute a frozen backbone's features once and train the head on them "
                                  "(--no-feature-cache: the full forward pass every batch, like the original; "
                                  "same results, much slower)")
-    inference_batch_size: int = option(64, "batch size of feature extraction and scoring", lambda v: v >= 1,
-                                       "be at least 1")
+    inference_batch_size: int | None = option(None, "batch size of feature extraction and scoring (default: 8 "
+                                              "on the CPU, 64 on a GPU)", lambda v: v is None or v >= 1,
+                                              "be at least 1", kind=int)
     cache_dir: Path | None = option(None, "where a frozen backbone's features are kept between runs, and "
                                     "decoded images during one (default: OUTPUT_DIR/cache)", kind=Path)
     workers: int = option(min(4, os.cpu_count() or 1), "worker processes that read and augment images when "
@@ -251,8 +252,12 @@ class TrainImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self.images[position]))
-        return (self.augment(image[None])[0] if self.augment else image), position
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (the DataLoader asks for it so): one read and one augmentation call."""
+        images = torch.from_numpy(np.asarray(self.images[positions]))
+        return list(zip(self.augment(images) if self.augment else images, positions))
 
 
 def training_batches(train: Split, config: TrainConfig, device: torch.device):

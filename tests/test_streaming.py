@@ -100,6 +100,31 @@ def test_a_changed_file_is_computed_again_alone(model, data, tmp_path, decode_co
     torch.testing.assert_close(torch.cat([before[:3], before[4:]]), torch.cat([after[:3], after[4:]]))
 
 
+def test_saving_the_cache_makes_no_second_copy_of_the_features(model, data, tmp_path, monkeypatch):
+    paths = paths_of(data)
+    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
+    features = extract_features(model, paths, IMG_SIZE, torch.device("cpu"), 8, cache)[0]
+    cache.update(paths, list(range(len(paths))), features)
+
+    def no_stacking(*args, **kwargs):
+        raise AssertionError("the rows were stacked into a copy")
+    monkeypatch.setattr(torch, "stack", no_stacking)
+    cache.save()
+    monkeypatch.undo()
+    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint).rows
+    assert torch.equal(torch.stack([reloaded[key] for key in cache.rows]), features)
+
+
+def test_rows_no_key_uses_are_not_written(model, tmp_path):
+    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
+    computed = torch.randn(100, 512)  # one run's features, of which 3 rows are still some file's
+    cache.rows = {f"file{row}": computed[row] for row in (0, 50, 99)}
+    cache.save()
+    assert cache.path.stat().st_size < computed[:10].nbytes  # packed: 3 rows written, not 100
+    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint).rows
+    assert torch.equal(reloaded["file50"], computed[50])
+
+
 def test_other_weights_do_not_share_a_cache(model):
     other = build_model(3, "resnet18", weights="none")[0]
     assert backbone_fingerprint(model, "resnet18", IMG_SIZE) != backbone_fingerprint(other, "resnet18", IMG_SIZE)
