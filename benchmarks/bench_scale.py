@@ -6,8 +6,8 @@
 Prints, measured in this one run:
   scale:    peak resident memory and images/s of feature extraction at each dataset size, the previous
             path (decode every image into memory, then run the backbone in NCHW batches of 64) against the
-            streaming one (chunks through the backbone as they decode, channels_last batches of 8 on the
-            CPU, the feature cache saved as a training run saves it); each measurement is a fresh
+            streaming one (chunks through the backbone as they decode, channels_last batches of the CPU's
+            size, the feature cache saved as a training run saves it); each measurement is a fresh
             process. The images are the demo set's photos, hard-linked under new names to reach each size
             (decoding a link costs what decoding a copy does);
   cache:    `python engine.py` twice on the 750 demo images (ResNet50 at 200 px), the second with only
@@ -85,7 +85,7 @@ def measure_features(path_kind: str, folder: str, backbone: str, img_size: int) 
 
 
 def scale_table(demo: Path, scratch: Path, sizes: list[int], backbone: str, img_size: int) -> None:
-    print(f"\nscale: feature extraction, {backbone} at {img_size} px, batch 64, {torch.get_num_threads()} threads")
+    print(f"\nscale: feature extraction, {backbone} at {img_size} px, {torch.get_num_threads()} threads")
     print(f"{'images':>8} {'previous MB':>12} {'streaming MB':>13} {'previous img/s':>15} {'streaming img/s':>16} "
           f"{'features MB':>12}")
     rows = {}

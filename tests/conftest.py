@@ -5,10 +5,12 @@ and `--weights none` so that no test ever reaches for the network.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import cv2
@@ -69,3 +71,31 @@ def no_network(monkeypatch):
 def tiny_data(tmp_path_factory) -> Path:
     """Three classes of eight small images; read-only by convention (copy it before changing it)."""
     return make_image_folder(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """engine.main(ARGS) in this process, as a CompletedProcess; an uncaught exception becomes a traceback.
+
+    For tests of what the CLI does, not of a fresh interpreter: it saves the seconds of a process start and
+    its imports (a few tests keep `run_engine`, the real `python engine.py`, for that)."""
+    import engine
+
+    def invoke(*args) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        saved_handlers, saved_level = root.handlers[:], root.level
+        capsys.readouterr()
+        try:
+            try:
+                code = engine.main([str(arg) for arg in args])
+            except SystemExit as stop:  # argparse
+                code = stop.code
+            except Exception:  # noqa: BLE001 - as the interpreter would: a traceback and exit 1
+                traceback.print_exc()
+                code = 1
+        finally:
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+    return invoke

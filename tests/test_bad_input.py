@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import re
 import shutil
 import signal
@@ -19,7 +18,6 @@ import struct
 import subprocess
 import sys
 import threading
-import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,31 +190,6 @@ def assert_user_error(result: subprocess.CompletedProcess, *named: str) -> None:
 
 
 # --- running the CLI -------------------------------------------------------------------------------------
-
-@pytest.fixture
-def cli(capsys):
-    """engine.main(ARGS) in this process, as a CompletedProcess; an uncaught exception becomes a traceback."""
-    import engine
-
-    def invoke(*args) -> subprocess.CompletedProcess:
-        root = logging.getLogger()
-        saved_handlers, saved_level = root.handlers[:], root.level
-        capsys.readouterr()
-        try:
-            try:
-                code = engine.main([str(arg) for arg in args])
-            except SystemExit as stop:  # argparse
-                code = stop.code
-            except Exception:  # noqa: BLE001 - as the interpreter would: a traceback and exit 1
-                traceback.print_exc()
-                code = 1
-        finally:
-            root.handlers[:] = saved_handlers
-            root.setLevel(saved_level)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-    return invoke
-
 
 @dataclass
 class Run:

@@ -83,8 +83,8 @@ def test_pt2_loads_with_torch_export_load_agrees_and_carries_metadata(trained, p
                                    pytorch_logits(trained, images[:batch]), rtol=0, atol=1e-4)
 
 
-def test_cli_predict_with_the_onnx_file_gives_the_labels_of_model_pt(trained, tiny_data):
-    results = [run_engine("predict", tiny_data, "--model", trained[0] / name) for name in ("model.pt", "model.onnx")]
+def test_cli_predict_with_the_onnx_file_gives_the_labels_of_model_pt(trained, tiny_data, cli):
+    results = [cli("predict", tiny_data, "--model", trained[0] / name) for name in ("model.pt", "model.onnx")]
     assert all(result.returncode == 0 for result in results), [result.stderr for result in results]
     labels = [[line.split("\t")[:2] for line in result.stdout.splitlines()] for result in results]
     assert len(labels[0]) == 24 and labels[0] == labels[1]

@@ -22,7 +22,6 @@ from MLPipeline.CreateDataset import load_image, to_model_input
 from MLPipeline.ResNet_Model import (PIP_BACKBONE, WeightsUnavailable, build_model, create_backbone,
                                      pip_imagenet_weights, resolve_weights, to_timm_names)
 from MLPipeline.SyntheticData import make_demo_data
-from tests.conftest import run_engine
 
 MILITARY_UNIFORM = 652  # ImageNet's answer for matplotlib's photo of Grace Hopper
 
@@ -144,7 +143,7 @@ def test_training_learns(pretrained_run, demo_data):
     torch.testing.assert_close(initial.backbone.conv_stem.weight, run.model.backbone.conv_stem.weight.cpu())
 
 
-def test_predict_and_evaluate_agree_with_the_training_run(pretrained_run, tmp_path):
+def test_predict_and_evaluate_agree_with_the_training_run(pretrained_run, tmp_path, cli):
     run, output_dir = pretrained_run
     model = load_model(output_dir / "model.pt")
     assert model.info["arch"] == PIP_BACKBONE and model.mean == (0.5, 0.5, 0.5)
@@ -153,8 +152,8 @@ def test_predict_and_evaluate_agree_with_the_training_run(pretrained_run, tmp_pa
     assert results.label.tolist() == trained_labels
     np.testing.assert_allclose(results[[f"p_{name}" for name in run.classes]].to_numpy(),
                                run.test_logits.softmax(1).numpy(), atol=1e-5)
-    cli = run_engine("predict", *run.test_paths, "--model", output_dir / "model.pt", "--csv", tmp_path / "p.csv")
-    assert cli.returncode == 0, cli.stderr
+    result = cli("predict", *run.test_paths, "--model", output_dir / "model.pt", "--csv", tmp_path / "p.csv")
+    assert result.returncode == 0, result.stderr
     assert pd.read_csv(tmp_path / "p.csv").label.tolist() == trained_labels
 
 
