@@ -19,7 +19,7 @@ from MLPipeline.Common import log, progress_reporter, save_atomically
 from MLPipeline.CreateDataset import stream_images
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches
 
-CACHE_FORMAT = "doc-classifier-features/1"
+CACHE_FORMAT = "doc-classifier-features/2"
 DECODE_VERSION = 1  # raise when the decode/resize path changes what an image becomes
 
 
@@ -45,48 +45,66 @@ def backbone_fingerprint(model: Classifier, arch: str, img_size: int) -> str:
 
 
 class FeatureCache:
-    """The features of every file seen with one backbone fingerprint, in one file under `folder`."""
+    """The features of every file seen with one backbone fingerprint, in one file under `folder`.
+
+    In memory, the feature tensors as the runs computed them (`blocks`) and, per file key, where its row is
+    (`rows`: key -> (block, row)): no object per row (a tensor view costs about 650 bytes, a ResNet18 row of
+    features 2 KB), and no second copy of a run's features: its block is the tensor it trains on.
+    """
 
     def __init__(self, folder: Path, fingerprint: str):
         self.path = Path(folder) / f"features-{fingerprint[:16]}.pt"
         self.fingerprint = fingerprint
-        self.rows: dict[str, torch.Tensor] = self.load()
+        self.blocks: list[torch.Tensor] = []
+        self.rows: dict[str, tuple[int, int]] = {}
+        self.load()
         self.loaded = len(self.rows)  # more rows than this at the end of a run: save()
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """The stored features by file key; a damaged or mismatched file is rebuilt, never trusted."""
+    def __contains__(self, key: str | None) -> bool:
+        return key in self.rows
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        block, row = self.rows[key]
+        return self.blocks[block][row]
+
+    def load(self) -> None:
+        """The stored features and where each file's row is; a damaged or mismatched file is rebuilt, never trusted."""
         if not self.path.exists():
-            return {}
+            return
         try:
             stored = torch.load(self.path, map_location="cpu", weights_only=True)
             if stored["format"] != CACHE_FORMAT or stored["fingerprint"] != self.fingerprint:
                 raise ValueError("made for another backbone or format")
-            if len(stored["keys"]) != len(stored["features"]):
-                raise ValueError("keys and features differ in number")
-            return dict(zip(stored["keys"], stored["features"]))
+            blocks, where = stored["blocks"], stored["where"]
+            sizes = torch.tensor([len(block) for block in blocks] + [0])
+            if len(stored["keys"]) != len(where) or not ((where[:, 1] >= 0) & (where[:, 1] < sizes[where[:, 0]])).all():
+                raise ValueError("keys and features do not match")
+            self.blocks, self.rows = blocks, dict(zip(stored["keys"], map(tuple, where.tolist())))
         except Exception as error:  # torch raises many kinds for a damaged file
             log.warning("warning: feature cache %s is unusable (%s: %s); computing the features again",
                         self.path, type(error).__name__, str(error).strip().splitlines()[0] if str(error) else "")
-            return {}
 
     def update(self, paths: list[str], positions: list[int], features: torch.Tensor) -> None:
         """Remember the features of paths[position] for each position (rows of `features`, in order)."""
-        for position, row in zip(positions, features):
+        self.blocks.append(features)
+        for row, position in enumerate(positions):
             key = file_key(paths[position])
             if key:
-                self.rows[key] = row
+                self.rows[key] = (len(self.blocks) - 1, row)
 
     def save(self) -> None:
-        """Write every row, atomically. The rows are views into the tensor of features their run computed, and
-        torch.save writes each tensor's memory once, so no second copy of the features is made; only when
-        over half of what that writes would be rows no key uses any more (files changed since) are the rows
-        packed into one new tensor first."""
-        keys = list(self.rows)
-        rows = [self.rows[key] for key in keys]
-        storages = {row.untyped_storage().data_ptr(): row.untyped_storage().nbytes() for row in rows}
-        if sum(storages.values()) > 2 * sum(row.nbytes for row in rows):
-            rows = list(torch.stack(rows))
-        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys, "features": rows}
+        """Write every file's row, atomically, in the blocks they are in: no copy of the features is made.
+        Blocks no file uses are left out; when over half of the rows written would be rows no file uses any
+        more (files changed since), the used rows are packed into one block first."""
+        used = sorted({block for block, _ in self.rows.values()})
+        if sum(len(self.blocks[block]) for block in used) > 2 * len(self.rows):
+            keys = list(self.rows)
+            self.blocks, used = [torch.stack([self[key] for key in keys])], [0]
+            self.rows = {key: (0, row) for row, key in enumerate(keys)}
+        number = {block: new for new, block in enumerate(used)}
+        where = torch.tensor([(number[block], row) for block, row in self.rows.values()], dtype=torch.int64)
+        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": list(self.rows),
+                  "blocks": [self.blocks[block] for block in used], "where": where.view(-1, 2)}
         save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
 
 
@@ -97,7 +115,7 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     `paths`, {bad path: reason}). Files in the cache are not read at all; the others stream through the
     backbone as they decode (cache.update() then remembers them)."""
     keys = [file_key(path) for path in paths]
-    found = [position for position, key in enumerate(keys) if cache and key in cache.rows]
+    found = [position for position, key in enumerate(keys) if cache and key in cache]
     to_compute = sorted(set(range(len(paths))) - set(found))
     if cache:
         log.info("features: %d image(s) from the cache (%s), %d to compute", len(found), cache.path,
@@ -106,7 +124,7 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     features = torch.empty(len(paths), model.head.in_features)
     done_ok = torch.zeros(len(paths), dtype=torch.bool)
     for position in found:
-        features[position], done_ok[position] = cache.rows[keys[position]], True
+        features[position], done_ok[position] = cache[keys[position]], True
     skipped, done = {}, 0
     update = progress_reporter("features", len(to_compute))
     model.eval()

@@ -2,6 +2,7 @@
 
     python benchmarks/compare_improvements.py            # every row, on Data/ (the demo set if it is empty)
     python benchmarks/compare_improvements.py --quick    # 1 epoch, 64 px: checks every row runs
+    python benchmarks/compare_improvements.py --rows 1 6 # the original recipe and augmentation only
 
 Each row runs `python engine.py FLAGS` as printed in its command column, plus `--cache-dir` naming one
 folder for all rows: the frozen rows after the first find their features there (the feature cache at
@@ -43,12 +44,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch at 64 px: a smoke test of every row")
     parser.add_argument("--all", action="store_true", help="also the other torchvision backbones (worth it where "
                         "their ImageNet weights can be had)")
+    parser.add_argument("--rows", type=int, nargs="+", help="only these rows, numbered from 1 in table order")
     args = parser.parse_args()
     quick_flags = ["--epochs", "1", "--img-size", "64"] if args.quick else []
     print("| change | command | test accuracy | wall time | backbone used | weights |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
-        for number, (change, flags) in enumerate(ROWS + (OTHER_BACKBONES if args.all else ())):
+        for number, (change, flags) in enumerate(ROWS + (OTHER_BACKBONES if args.all else ()), start=1):
+            if args.rows and number not in args.rows:
+                continue
             output_dir = Path(scratch) / str(number)
             start = time.perf_counter()
             result = subprocess.run([sys.executable, str(ROOT / "engine.py"), *flags, *quick_flags,

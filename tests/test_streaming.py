@@ -111,18 +111,18 @@ def test_saving_the_cache_makes_no_second_copy_of_the_features(model, data, tmp_
     monkeypatch.setattr(torch, "stack", no_stacking)
     cache.save()
     monkeypatch.undo()
-    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint).rows
+    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
     assert torch.equal(torch.stack([reloaded[key] for key in cache.rows]), features)
 
 
 def test_rows_no_key_uses_are_not_written(model, tmp_path):
     cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
     computed = torch.randn(100, 512)  # one run's features, of which 3 rows are still some file's
-    cache.rows = {f"file{row}": computed[row] for row in (0, 50, 99)}
+    cache.blocks, cache.rows = [torch.randn(10, 512), computed], {f"file{row}": (1, row) for row in (0, 50, 99)}
     cache.save()
-    assert cache.path.stat().st_size < computed[:10].nbytes  # packed: 3 rows written, not 100
-    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint).rows
-    assert torch.equal(reloaded["file50"], computed[50])
+    assert cache.path.stat().st_size < computed[:10].nbytes  # packed: 3 rows written, not 110
+    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
+    assert torch.equal(reloaded["file50"], computed[50]) and len(reloaded.rows) == 3
 
 
 def test_other_weights_do_not_share_a_cache(model):
