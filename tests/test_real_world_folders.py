@@ -26,7 +26,7 @@ from MLPipeline.Common import LOCK_NAME, UserError, output_lock
 from MLPipeline.CreateDataset import (IMAGE_EXTENSIONS, build_index, held_out_copies, index_folder, load_images,
                                       read_image, register_heif)
 from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
-from tests.test_bad_input import assert_user_error, cli, constant_png, encode, sample_rgb  # noqa: F401 (cli: fixture)
+from tests.test_bad_input import assert_user_error, constant_png, encode, sample_rgb
 
 NON_UTF8 = os.fsdecode(b"re\xe7u \xff scan.png")  # Latin-1 bytes, as old cameras and zip files leave them
 NON_UTF8_BROKEN = os.fsdecode(b"\xff\xfe broken.jpg")
