@@ -19,17 +19,19 @@ from MLPipeline.Common import log, progress_reporter, save_atomically
 from MLPipeline.CreateDataset import stream_images
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches
 
-CACHE_FORMAT = "doc-classifier-features/2"
+CACHE_FORMAT = "doc-classifier-features/3"
 DECODE_VERSION = 1  # raise when the decode/resize path changes what an image becomes
 
 
 def file_key(path: str) -> str | None:
-    """What identifies a file's content cheaply: absolute path, size and modification time (None if unreadable)."""
+    """What identifies a file's content cheaply: a hash of its absolute path, size and modification time
+    (None if unreadable). 32 characters, where the path alone is often over 100: one is held per file."""
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    identity = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.blake2b(os.fsencode(identity), digest_size=16).hexdigest()
 
 
 def backbone_fingerprint(model: Classifier, arch: str, img_size: int) -> str:
