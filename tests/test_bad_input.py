@@ -558,7 +558,10 @@ def test_ctrl_c_during_training_keeps_the_previous_model(messy, tmp_path):
     before = snapshot(output)
     command = [sys.executable, str(ENGINE), "train", "--data-dir", str(data), "--output-dir", str(output), *FAST,
                "--epochs", "1000", "--no-feature-cache"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, whatever this process inherited: a shell that starts a job in the
+    # background (nohup ... &) ignores SIGINT, and Python then never raises KeyboardInterrupt.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(180, process.kill)
     watchdog.start()
     try:
