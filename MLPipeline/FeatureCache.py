@@ -118,7 +118,7 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     backbone as they decode (cache.update() then remembers them)."""
     keys = [file_key(path) for path in paths]
     found = [position for position, key in enumerate(keys) if cache and key in cache]
-    to_compute = sorted(set(range(len(paths))) - set(found))
+    to_compute = [position for position, key in enumerate(keys) if not (cache and key in cache)]
     if cache:
         log.info("features: %d image(s) from the cache (%s), %d to compute", len(found), cache.path,
                  len(to_compute))

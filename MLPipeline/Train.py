@@ -70,8 +70,8 @@ class TrainConfig:
                                  "(--no-feature-cache: the full forward pass every batch, like the original; "
                                  "same results, much slower)")
     inference_batch_size: int | None = option(None, "batch size of feature extraction and scoring (default: 64 "
-                                              "on a GPU; on the CPU 8 at 200 px, more for smaller images)", lambda v: v is None or v >= 1,
-                                              "be at least 1", kind=int)
+                                              "on a GPU; on the CPU 8 at 200 px, more for smaller images)",
+                                              lambda v: v is None or v >= 1, "be at least 1", kind=int)
     cache_dir: Path | None = option(None, "where a frozen backbone's features are kept between runs, and "
                                     "decoded images during one (default: OUTPUT_DIR/cache)", kind=Path)
     workers: int = option(min(4, os.cpu_count() or 1), "worker processes that read and augment images when "
