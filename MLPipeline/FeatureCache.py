@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,10 +113,12 @@ class FeatureCache:
 
 def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int | None,
                      cache: FeatureCache | None, max_pixels: int | None = None,
+                     network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """Features (on the CPU) of the files that decode, in order; returns (features, their positions in
     `paths`, {bad path: reason}). Files in the cache are not read at all; the others stream through the
-    backbone as they decode (cache.update() then remembers them)."""
+    backbone as they decode (cache.update() then remembers them). network: what computes the features
+    (default model.features; training passes its FrozenBackbone)."""
     keys = [file_key(path) for path in paths]
     found = [position for position, key in enumerate(keys) if cache and key in cache]
     to_compute = [position for position, key in enumerate(keys) if not (cache and key in cache)]
@@ -133,7 +136,8 @@ def extract_features(model: Classifier, paths: list[str], img_size: int, device:
     for chunk in stream_images([paths[position] for position in to_compute], img_size, max_pixels=max_pixels):
         rows = [to_compute[position] for position in chunk.positions]
         if rows:
-            features[rows] = forward_in_batches(model.features, chunk.images, device, batch_size).float().cpu()
+            features[rows] = forward_in_batches(network or model.features, chunk.images, device,
+                                                batch_size).float().cpu()
             done_ok[rows] = True
         skipped.update(chunk.skipped)
         done += len(chunk.positions) + len(chunk.skipped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from MLPipeline.Common import (UserError, autocast, check_output_dir, gather, is
                                pick_device, progress_reporter, shard, start_distributed, world)
 from MLPipeline.CreateDataset import (MAX_PIXELS, build_index, decode_to_disk, make_augmenter, mark_duplicates,
                                       mark_skipped, one_hot, skip_reasons, stratified_split, to_model_input, usable)
+from MLPipeline.Export import BACKBONE_RUNTIMES, FrozenBackbone
 from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, extract_features
 from MLPipeline.ResNet_Model import (BACKBONES, UNFREEZE_CHOICES, Classifier, build_model, checkpoint_dict,
                                      forward_in_batches, prepare_model, save_checkpoint)
@@ -72,6 +74,9 @@ class TrainConfig:
     inference_batch_size: int | None = option(None, "batch size of feature extraction and scoring (default: 64 "
                                               "on a GPU; on the CPU 8 at 200 px, more for smaller images)",
                                               lambda v: v is None or v >= 1, "be at least 1", kind=int)
+    backbone_runtime: str = option("auto", "what runs a frozen backbone on the CPU: auto (a run of 500 images or "
+                                   "more tries ONNX Runtime on its first batch and keeps the faster), pytorch, "
+                                   "onnxruntime", choices=BACKBONE_RUNTIMES)
     cache_dir: Path | None = option(None, "where a frozen backbone's features are kept between runs, and "
                                     "decoded images during one (default: OUTPUT_DIR/cache)", kind=Path)
     workers: int = option(min(4, os.cpu_count() or 1), "worker processes that read and augment images when "
@@ -138,7 +143,7 @@ def index_dataset(config: TrainConfig) -> pd.DataFrame:
 
 
 def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], model: Classifier, arch: str,
-                device: torch.device) -> tuple[pd.DataFrame, dict[str, Split]]:
+                device: torch.device, backbone: FrozenBackbone) -> tuple[pd.DataFrame, dict[str, Split]]:
     """Decode each split once: into features, when the backbone is frozen (and the feature cache on), or
     into a file on disk, when training reads the images every epoch (augmentation, unfrozen layers).
 
@@ -154,7 +159,7 @@ def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], mo
             continue
         paths = rows.path.tolist()
         if with_features and not (name == "train" and config.augment):
-            features, positions, bad = features_of_every_shard(model, paths, config, device, cache)
+            features, positions, bad = features_of_every_shard(model, paths, config, device, cache, backbone)
             inputs = {"features": features.to(device)}
         else:  # augmented images differ every epoch: the backbone must see each one
             images, positions, bad = decode_to_disk(paths, config.img_size, cache_dir, config.max_pixels)
@@ -172,13 +177,14 @@ def load_splits(config: TrainConfig, index: pd.DataFrame, classes: list[str], mo
 
 
 def features_of_every_shard(model: Classifier, paths: list[str], config: TrainConfig, device: torch.device,
-                            cache: FeatureCache | None) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+                            cache: FeatureCache | None, backbone: FrozenBackbone,
+                            ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """extract_features for this process's shard of `paths`, then everyone's, gathered in the files' order:
     under torchrun each process decodes and runs the backbone on 1/N of the images, and the head then
     trains on all the features in every process, exactly as in one process."""
     mine = shard(paths)
     features, positions, skipped = extract_features(model, [paths[i] for i in mine], config.img_size, device,
-                                                    config.inference_batch_size, cache, config.max_pixels)
+                                                    config.inference_batch_size, cache, config.max_pixels, backbone)
     parts = gather((features.cpu(), [mine[p] for p in positions], skipped))
     if len(parts) > 1:  # in one process the features are in order already: no second copy of them
         positions = [position for _, shard_positions, _ in parts for position in shard_positions]
@@ -276,12 +282,11 @@ def training_batches(train: Split, config: TrainConfig, device: torch.device):
     return lambda: ((positions, images) for images, positions in loader)
 
 
-def train_one_epoch(model: Classifier, network: torch.nn.Module, train: Split, batches,
+def train_one_epoch(model: Classifier, network: Callable[[torch.Tensor], torch.Tensor], train: Split, batches,
                     optimizer: torch.optim.Optimizer, device: torch.device, label: str = "") -> float:
     """One pass over the training split; returns the mean training loss (over every process's batches).
 
-    network: the model itself, or under torchrun its DistributedDataParallel wrapper (which averages the
-    gradients of the processes' batches at each step).
+    network: what a batch of images runs through (images_network()); the features path uses the head alone.
     """
     model.train()
     loss_sum, seen, update = 0.0, 0, progress_reporter(label, len(train.labels))
@@ -289,7 +294,7 @@ def train_one_epoch(model: Classifier, network: torch.nn.Module, train: Split, b
         positions = positions.to(device)
         if images is None:  # frozen backbone: the head reads the features computed once
             logits = model.head(train.features[positions])
-        else:  # the whole network runs on the (augmented) images, as in the original
+        else:  # the network runs on the (augmented) images, as in the original
             with autocast(device, training=True):
                 logits = network(to_model_input(images.to(device, non_blocking=True))).float()
         loss = F.cross_entropy(logits, one_hot(train.labels[positions], model.head.out_features))
@@ -312,8 +317,20 @@ def make_optimizer(model: Classifier, config: TrainConfig):
     return optimizer, scheduler
 
 
+def images_network(model: Classifier, backbone: FrozenBackbone, device: torch.device,
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a training batch of images runs through: the whole model or, with the backbone frozen, the
+    backbone's features (in the runtime FrozenBackbone chose) into the head. Under torchrun what trains is
+    wrapped in DistributedDataParallel, which averages the processes' gradients at each step."""
+    trained = model.head if model.frozen else model
+    if world()[1] > 1:  # frozen BatchNorm: no buffers to broadcast
+        trained = torch.nn.parallel.DistributedDataParallel(
+            trained, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    return (lambda images: trained(backbone(images))) if model.frozen else trained
+
+
 def fit(model: Classifier, splits: dict[str, Split], config: TrainConfig, device: torch.device,
-        ) -> tuple[list[dict], int]:
+        backbone: FrozenBackbone) -> tuple[list[dict], int]:
     """The training loop: one line per epoch with train loss and each held-out split's loss and accuracy.
 
     With a validation split, the weights of the epoch with the lowest validation loss are restored at the
@@ -322,10 +339,7 @@ def fit(model: Classifier, splits: dict[str, Split], config: TrainConfig, device
     """
     optimizer, scheduler = make_optimizer(model, config)
     epoch_batches = training_batches(splits["train"], config, device)
-    network = model
-    if splits["train"].features is None and world()[1] > 1:  # frozen BatchNorm: no buffers to broadcast
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    network = images_network(model, backbone, device) if splits["train"].features is None else None
     held_out = [name for name in ("val", "test") if name in splits]
     history, start, best = [], time.perf_counter(), BestEpoch()
     for epoch in range(1, config.epochs + 1):
@@ -393,11 +407,12 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
     torch.manual_seed(config.seed)  # the head's initial weights
     model, provenance = build_model(len(classes), config.backbone, config.weights, config.unfreeze)
     model = prepare_model(model, device)
-    index, splits = load_splits(config, index, classes, model, provenance["arch"], device)
+    backbone = FrozenBackbone(model, device, config.backbone_runtime, images=backbone_passes(config, index))
+    index, splits = load_splits(config, index, classes, model, provenance["arch"], device, backbone)
     timings = {"data_s": time.perf_counter() - started}  # decoding, and features where the backbone is frozen
 
     phase = time.perf_counter()
-    history, best_epoch = fit(model, splits, config, device)
+    history, best_epoch = fit(model, splits, config, device, backbone)
     timings["train_s"] = time.perf_counter() - phase
     test_logits = split_logits(model, splits["test"], config, device).cpu()
     timings["total_s"] = time.perf_counter() - started
@@ -409,6 +424,7 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
         "config": settings, "device": str(device), "torch_version": str(torch.__version__), **provenance,
         "dataset": dataset_summary(index),
         "trained_on": "features" if splits["train"].features is not None else "images",
+        "backbone_runtime": backbone.name if model.frozen else "pytorch",
         "history": history, "best_epoch": best_epoch,
         "test_accuracy": report["accuracy"], "test_loss": loss_and_accuracy(test_logits, test_labels)[0],
         **{key: value for key, value in report.items() if key != "accuracy"},
@@ -423,6 +439,12 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
              provenance["weights_source"], config.output_dir)
     test_paths = usable(index).query("split == 'test'").path.tolist()
     return TrainingRun(model, classes, metrics, test_paths, test_logits)
+
+
+def backbone_passes(config: TrainConfig, index: pd.DataFrame) -> int:
+    """About how many images a run pushes through its backbone: each once or, when training reads the
+    images every epoch, each every epoch."""
+    return len(usable(index)) * (config.epochs if config.augment or not config.feature_cache else 1)
 
 
 def dataset_summary(index: pd.DataFrame) -> dict:
