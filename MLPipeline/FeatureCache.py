@@ -8,31 +8,34 @@ added file is computed alone.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from MLPipeline.Common import log, progress_reporter, save_atomically
 from MLPipeline.CreateDataset import stream_images
 from MLPipeline.ResNet_Model import Classifier, forward_in_batches
 
-CACHE_FORMAT = "doc-classifier-features/3"
+CACHE_FORMAT = "doc-classifier-features/4"
 DECODE_VERSION = 1  # raise when the decode/resize path changes what an image becomes
+KEY_BYTES = 16
 
 
-def file_key(path: str) -> str | None:
-    """What identifies a file's content cheaply: a hash of its absolute path, size and modification time
-    (None if unreadable). 32 characters, where the path alone is often over 100: one is held per file."""
+def file_key(path: str) -> bytes | None:
+    """What identifies a file's content cheaply: a 16-byte hash of its absolute path, size and modification
+    time (None if unreadable). One is held per file, so it is small: the path alone is often over 100 bytes."""
     try:
         stat = os.stat(path)
     except OSError:
         return None
     identity = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.blake2b(os.fsencode(identity), digest_size=16).hexdigest()
+    return hashlib.blake2b(os.fsencode(identity), digest_size=KEY_BYTES).digest()
 
 
 def backbone_fingerprint(model: Classifier, arch: str, img_size: int) -> str:
@@ -50,25 +53,29 @@ def backbone_fingerprint(model: Classifier, arch: str, img_size: int) -> str:
 class FeatureCache:
     """The features of every file seen with one backbone fingerprint, in one file under `folder`.
 
-    In memory, the feature tensors as the runs computed them (`blocks`) and, per file key, where its row is
-    (`rows`: key -> (block, row)): no object per row (a tensor view costs about 650 bytes, a ResNet18 row of
-    features 2 KB), and no second copy of a run's features: its block is the tensor it trains on.
+    In memory, the feature tensors as the runs computed them (`blocks`), their rows numbered on from one
+    block to the next (`starts`: each block's first number), and per file key its row's number (`rows`):
+    no object per row but an int (a tensor view costs about 650 bytes, a ResNet18 row of features 2 KB),
+    and no second copy of a run's features: its block is the tensor it trains on. On disk, the keys are
+    one N x 16 byte tensor and the numbers one tensor: no Python object per file is pickled.
     """
 
     def __init__(self, folder: Path, fingerprint: str):
         self.path = Path(folder) / f"features-{fingerprint[:16]}.pt"
         self.fingerprint = fingerprint
         self.blocks: list[torch.Tensor] = []
-        self.rows: dict[str, tuple[int, int]] = {}
+        self.starts: list[int] = []
+        self.rows: dict[bytes, int] = {}
         self.load()
         self.loaded = len(self.rows)  # more rows than this at the end of a run: save()
 
-    def __contains__(self, key: str | None) -> bool:
+    def __contains__(self, key: bytes | None) -> bool:
         return key in self.rows
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        block, row = self.rows[key]
-        return self.blocks[block][row]
+    def __getitem__(self, key: bytes) -> torch.Tensor:
+        row = self.rows[key]
+        block = bisect.bisect_right(self.starts, row) - 1
+        return self.blocks[block][row - self.starts[block]]
 
     def load(self) -> None:
         """The stored features and where each file's row is; a damaged or mismatched file is rebuilt, never trusted."""
@@ -78,36 +85,50 @@ class FeatureCache:
             stored = torch.load(self.path, map_location="cpu", weights_only=True)
             if stored["format"] != CACHE_FORMAT or stored["fingerprint"] != self.fingerprint:
                 raise ValueError("made for another backbone or format")
-            blocks, where = stored["blocks"], stored["where"]
-            sizes = torch.tensor([len(block) for block in blocks] + [0])
-            if len(stored["keys"]) != len(where) or not ((where[:, 1] >= 0) & (where[:, 1] < sizes[where[:, 0]])).all():
+            blocks, keys, rows = stored["blocks"], stored["keys"], stored["rows"]
+            total = sum(len(block) for block in blocks)
+            if keys.shape != (len(rows), KEY_BYTES) or not ((rows >= 0) & (rows < total)).all():
                 raise ValueError("keys and features do not match")
-            self.blocks, self.rows = blocks, dict(zip(stored["keys"], map(tuple, where.tolist())))
+            raw = keys.numpy().tobytes()
+            self.blocks, self.starts = blocks, [sum(len(block) for block in blocks[:number])
+                                                for number in range(len(blocks))]
+            self.rows = dict(zip((raw[at:at + KEY_BYTES] for at in range(0, len(raw), KEY_BYTES)), rows.tolist()))
         except Exception as error:  # torch raises many kinds for a damaged file
             log.warning("warning: feature cache %s is unusable (%s: %s); computing the features again",
                         self.path, type(error).__name__, str(error).strip().splitlines()[0] if str(error) else "")
 
     def update(self, paths: list[str], positions: list[int], features: torch.Tensor) -> None:
         """Remember the features of paths[position] for each position (rows of `features`, in order)."""
+        start = self.starts[-1] + len(self.blocks[-1]) if self.blocks else 0
         self.blocks.append(features)
+        self.starts.append(start)
         for row, position in enumerate(positions):
             key = file_key(paths[position])
             if key:
-                self.rows[key] = (len(self.blocks) - 1, row)
+                self.rows[key] = start + row
+
+    def placed_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every file's row number, and the block each is in."""
+        rows = torch.tensor(list(self.rows.values()), dtype=torch.int64)
+        return rows, torch.bucketize(rows, torch.tensor(self.starts, dtype=torch.int64), right=True) - 1
 
     def save(self) -> None:
         """Write every file's row, atomically, in the blocks they are in: no copy of the features is made.
         Blocks no file uses are left out; when over half of the rows written would be rows no file uses any
         more (files changed since), the used rows are packed into one block first."""
-        used = sorted({block for block, _ in self.rows.values()})
-        if sum(len(self.blocks[block]) for block in used) > 2 * len(self.rows):
-            keys = list(self.rows)
-            self.blocks, used = [torch.stack([self[key] for key in keys])], [0]
-            self.rows = {key: (0, row) for row, key in enumerate(keys)}
-        number = {block: new for new, block in enumerate(used)}
-        where = torch.tensor([(number[block], row) for block, row in self.rows.values()], dtype=torch.int64)
-        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": list(self.rows),
-                  "blocks": [self.blocks[block] for block in used], "where": where.view(-1, 2)}
+        rows, block_of = self.placed_rows()
+        if sum(len(self.blocks[block]) for block in block_of.unique().tolist()) > 2 * len(self.rows):
+            self.blocks, self.starts = [torch.stack([self[key] for key in self.rows])], [0]
+            self.rows = {key: row for row, key in enumerate(self.rows)}
+            rows, block_of = self.placed_rows()
+        used = block_of.unique().tolist()
+        kept = [self.blocks[block] for block in used]
+        new_starts = torch.zeros(len(self.blocks), dtype=torch.int64)  # where each kept block starts, written
+        new_starts[used] = torch.tensor([sum(len(block) for block in kept[:number]) for number in range(len(kept))],
+                                        dtype=torch.int64)
+        keys = torch.from_numpy(np.frombuffer(b"".join(self.rows), np.uint8).reshape(-1, KEY_BYTES).copy())
+        stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys, "blocks": kept,
+                  "rows": rows - torch.tensor(self.starts, dtype=torch.int64)[block_of] + new_starts[block_of]}
         save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
 
 

@@ -118,11 +118,23 @@ def test_saving_the_cache_makes_no_second_copy_of_the_features(model, data, tmp_
 def test_rows_no_key_uses_are_not_written(model, tmp_path):
     cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
     computed = torch.randn(100, 512)  # one run's features, of which 3 rows are still some file's
-    cache.blocks, cache.rows = [torch.randn(10, 512), computed], {f"file{row}": (1, row) for row in (0, 50, 99)}
+    cache.blocks, cache.starts = [torch.randn(10, 512), computed], [0, 10]
+    cache.rows = {bytes([row]) * 16: 10 + row for row in (0, 50, 99)}
     cache.save()
     assert cache.path.stat().st_size < computed[:10].nbytes  # packed: 3 rows written, not 110
     reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
-    assert torch.equal(reloaded["file50"], computed[50]) and len(reloaded.rows) == 3
+    assert torch.equal(reloaded[bytes([50]) * 16], computed[50]) and len(reloaded.rows) == 3
+
+
+def test_blocks_no_key_uses_are_left_out_and_the_rest_renumbered(model, tmp_path):
+    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
+    dead, second, third = torch.randn(10, 512), torch.randn(4, 512), torch.randn(2, 512)
+    cache.blocks, cache.starts = [dead, second, third], [0, 10, 14]
+    cache.rows = {bytes([row]) * 16: row for row in range(10, 16)}  # every row of the 2nd and 3rd blocks
+    cache.save()
+    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
+    assert len(reloaded.blocks) == 2 and reloaded.starts == [0, 4]  # the dead block is not written
+    assert all(torch.equal(reloaded[bytes([row]) * 16], torch.cat([second, third])[row - 10]) for row in range(10, 16))
 
 
 def test_other_weights_do_not_share_a_cache(model):
