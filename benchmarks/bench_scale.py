@@ -7,9 +7,10 @@ Prints, measured in this one run:
   scale:    peak resident memory and images/s of feature extraction at each dataset size, the previous
             path (decode every image into memory, then run the backbone in NCHW batches of 64) against the
             streaming one (chunks through the backbone as they decode, channels_last batches of the CPU's
-            size, the backbone in the runtime a training run picks, the feature cache saved as a training
-            run saves it); each measurement is a fresh process. ResNet50's 2,048 features per image are
-            the default backbone's at any image size; 64 px keeps the run short. The images are the demo set's photos, hard-linked under new names to reach each size
+            size, the feature cache saved as a training run saves it); each measurement is a fresh process.
+            Both in PyTorch: a run that picks ONNX Runtime exports the backbone first, and that one-off
+            peak (hundreds of MB) would hide the growth being measured. ResNet50's 2,048 features per
+            image are the default backbone's at any image size; 64 px keeps the run short. The images are the demo set's photos, hard-linked under new names to reach each size
             (decoding a link costs what decoding a copy does);
   cache:    `python engine.py` twice on the 750 demo images (ResNet50 at 200 px), the second with only
             --lr changed: the time in decoding and features, and end to end;
@@ -80,8 +81,7 @@ def measure_features(path_kind: str, folder: str, backbone: str, img_size: int) 
         features = previous_forward(model.features, images, 64)
     else:  # as a training run does it: with the feature cache, saved at the end
         cache = FeatureCache(Path(tempfile.mkdtemp()), backbone_fingerprint(model, backbone, img_size))
-        network = FrozenBackbone(model, device, "auto", images=len(paths))
-        features = extract_features(model, paths, img_size, device, None, cache, network=network)[0]
+        features = extract_features(model, paths, img_size, device, None, cache)[0]
         cache.update(paths, list(range(len(paths))), features)
         cache.save()
         shutil.rmtree(cache.path.parent)
