@@ -323,9 +323,10 @@ def images_network(model: Classifier, backbone: FrozenBackbone, device: torch.de
     backbone's features (in the runtime FrozenBackbone chose) into the head. Under torchrun what trains is
     wrapped in DistributedDataParallel, which averages the processes' gradients at each step."""
     trained = model.head if model.frozen else model
-    if world()[1] > 1:  # frozen BatchNorm: no buffers to broadcast
+    if world()[1] > 1:  # the head has no buffers; the backbone's BatchNorm keeps its statistics: none to sync
         trained = torch.nn.parallel.DistributedDataParallel(
-            trained, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+            trained, device_ids=[device] if device.type == "cuda" else None,
+            **({} if model.frozen else {"broadcast_buffers": False}))
     return (lambda images: trained(backbone(images))) if model.frozen else trained
 
 
