@@ -209,11 +209,13 @@ class FrozenBackbone:
             onnx_features = onnx_features_of(self.model, images.shape[-1])
             (pytorch_speed, expected), (onnx_speed, got) = (timed(run, images) for run in
                                                             (self.model.features, onnx_features))
+            if got.shape != expected.shape:
+                raise ValueError(f"features of shape {tuple(got.shape)}, not {tuple(expected.shape)}")
+            difference = (got - expected).abs().max().item()
         except Exception as error:  # the exporter and ONNX Runtime raise many kinds
             log.warning("warning: the backbone could not run in ONNX Runtime (%s: %s); PyTorch runs it",
                         type(error).__name__, (str(error).strip().splitlines() or [""])[0])
             return self.model.features, self.model.features(images)
-        difference = (got - expected).abs().max().item()
         if difference > TOLERANCE * max(1.0, expected.abs().max().item()):
             log.warning("warning: ONNX Runtime's features differ from PyTorch's by %.3g; PyTorch runs the backbone",
                         difference)
@@ -235,8 +237,10 @@ def onnx_features_of(model: Classifier, img_size: int) -> Callable[[torch.Tensor
         # The TorchScript-based exporter is deprecated, but exports ResNet50 in 2 s where the dynamo one
         # (export_model's) takes 11: paid by every run that uses this.
         warnings.simplefilter("ignore")
-        torch.onnx.export(FeaturesOf(model), (torch.rand(1, 3, img_size, img_size),), buffer, dynamo=False,
-                          input_names=[INPUT_NAME], output_names=["features"], dynamic_axes={INPUT_NAME: {0: "n"}})
+        # The exporter puts the module back in the mode it found it in: the model's own, not a new module's.
+        torch.onnx.export(FeaturesOf(model).train(model.training), (torch.rand(1, 3, img_size, img_size),),
+                          buffer, dynamo=False, input_names=[INPUT_NAME], output_names=["features"],
+                          dynamic_axes={INPUT_NAME: {0: "n"}})
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])

@@ -26,6 +26,7 @@ def test_onnxruntime_gives_pytorchs_features_and_keeps_running():
     with torch.inference_mode():
         expected, first, later = model.features(images), backbone(images), backbone(images[:2])
     assert backbone.name == "onnxruntime" and backbone.run is not model.features
+    assert not model.training  # the export left the model in the mode it found it in
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(later, expected[:2], rtol=1e-4, atol=1e-4)
 
