@@ -179,7 +179,7 @@ class FrozenBackbone:
     """Computes a frozen backbone's features, like model.features: with PyTorch, or on the CPU with ONNX Runtime.
 
     ONNX Runtime runs some networks much faster on a CPU and others slower (2-core CPU, features per second
-    against PyTorch's, channels_last: EfficientNet-Lite0 at 200 px 2.75x, ResNet50 1.3-1.4x, ResNet18 at 64 px
+    against PyTorch's, channels_last: EfficientNet-Lite0 at 200 px 2.75x, ResNet50 1.3-1.5x, ResNet18 at 64 px
     0.8x). runtime 'auto': a run that pushes at least MIN_IMAGES_TO_COMPARE images through the backbone on
     the CPU exports it (1-2 s), runs the first batch in both and keeps the faster; 'onnxruntime' always
     exports on the CPU; 'pytorch', GPUs, and any export that fails or gives other features use PyTorch.

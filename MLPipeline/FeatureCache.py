@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -90,8 +91,7 @@ class FeatureCache:
             if keys.shape != (len(rows), KEY_BYTES) or not ((rows >= 0) & (rows < total)).all():
                 raise ValueError("keys and features do not match")
             raw = keys.numpy().tobytes()
-            self.blocks, self.starts = blocks, [sum(len(block) for block in blocks[:number])
-                                                for number in range(len(blocks))]
+            self.blocks, self.starts = blocks, first_rows(blocks)
             self.rows = dict(zip((raw[at:at + KEY_BYTES] for at in range(0, len(raw), KEY_BYTES)), rows.tolist()))
         except Exception as error:  # torch raises many kinds for a damaged file
             log.warning("warning: feature cache %s is unusable (%s: %s); computing the features again",
@@ -124,12 +124,16 @@ class FeatureCache:
         used = block_of.unique().tolist()
         kept = [self.blocks[block] for block in used]
         new_starts = torch.zeros(len(self.blocks), dtype=torch.int64)  # where each kept block starts, written
-        new_starts[used] = torch.tensor([sum(len(block) for block in kept[:number]) for number in range(len(kept))],
-                                        dtype=torch.int64)
+        new_starts[used] = torch.tensor(first_rows(kept), dtype=torch.int64)
         keys = torch.from_numpy(np.frombuffer(b"".join(self.rows), np.uint8).reshape(-1, KEY_BYTES).copy())
         stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys, "blocks": kept,
                   "rows": rows - torch.tensor(self.starts, dtype=torch.int64)[block_of] + new_starts[block_of]}
         save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
+
+
+def first_rows(blocks: list[torch.Tensor]) -> list[int]:
+    """The number of each block's first row, rows being numbered on from one block to the next."""
+    return list(itertools.accumulate((len(block) for block in blocks[:-1]), initial=0))[:len(blocks)]
 
 
 def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int | None,
