@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
-import cv2
-import pandas as pd
 import torch
 
-from MLPipeline import Report
-from MLPipeline.Common import UserError, is_main_process
-from MLPipeline.Export import FORMATS, export_model
-from MLPipeline.Predict import evaluate, load_model, predict
-from MLPipeline.SyntheticData import make_demo_data
-from MLPipeline.Train import TrainConfig, check_option, train
+from MLPipeline.Train import TrainConfig, train
+from MLPipeline.Common import UserError, setup_logging  # noqa: I001 (after Train: the recipe's imports come first)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
 DEFAULT_OUTPUT_DIR = HERE / "output"
 DEFAULT_MODEL = DEFAULT_OUTPUT_DIR / "model.pt"
-COMMANDS = ("train", "predict", "evaluate", "export", "make-demo-data")
+EXPORT_FORMATS = ("onnx", "pt2")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -37,6 +36,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{**{name: getattr(args, name) for name in TRAIN_OPTIONS}, "data_dir": data_dir})
     config.check()  # flag errors before any demo data is written; train() checks again for API callers
     if args.data_dir is None and holds_nothing_but_readme(data_dir):
+        from MLPipeline.SyntheticData import make_demo_data  # only a fresh clone's first run needs it
         logging.info("%s holds no images: generating the demo dataset there first "
                      "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
         make_demo_data(data_dir)
@@ -51,20 +51,38 @@ def holds_nothing_but_readme(folder: Path) -> bool:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    if args.csv and args.csv.is_dir():
-        raise UserError(f"--csv {args.csv} is a folder; give a file name such as predictions.csv")
+    import MLPipeline.Report as Report
+    from MLPipeline.Distributed import is_main_process
+    from MLPipeline.Explain import explain_paths, torch_network
+    from MLPipeline.Config import check_option
+    from MLPipeline.Predict import load_model, predict
+    if args.csv:
+        check_csv_path(args.csv, [args.model, *args.paths])
     check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
+    check_option(CONFIG_OPTIONS["workers"], args.workers)
+    min_confidence = checked_min_confidence(args.min_confidence)
     model = load_model(args.model, args.device)
-    results = predict(model, args.paths, max_pixels=args.max_pixels)
+    if args.explain:
+        torch_network(model)  # an .onnx model cannot explain: say so before classifying anything
+    results = predict(model, args.paths, max_pixels=args.max_pixels, workers=args.workers,
+                      min_confidence=min_confidence)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
     if not is_main_process():  # under torchrun every process has the whole table; rank 0 reports it
         return 2 if (results.error != "").any() else 0
+    if args.csv:  # before the console lines: a reader that stops early (| head) must not cost the file
+        Report.write_csv(Path(args.csv), results)
     for _, row in results[results.error == ""].iterrows():  # the failed ones were named as they were skipped
         ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
-        print(f"{row['input']}\t" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
-    if args.csv:
-        Report.write_csv(Path(args.csv), results)
+        decision = f"{row['decision']}\t" if min_confidence is not None else ""
+        print(f"{row['input']}\t{decision}" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
+    if min_confidence is not None:  # a review is an answer, not an error: the exit status stays 0
+        print(f"review: {(results.decision == 'review').sum()} of {(results.error == '').sum()} image(s) below "
+              f"confidence {min_confidence:g}")
+    if args.explain:
+        written = explain_paths(model, results.input[results.error == ""].tolist(), args.explain,
+                                max_pixels=args.max_pixels)
+        print(f"explanations: {len(written)} image(s) in {args.explain}")
     failed = (results.error != "").sum()
     if failed:
         print(f"error: {failed} of {len(results)} input(s) could not be classified (named above)", file=sys.stderr)
@@ -72,20 +90,56 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def checked_min_confidence(value: float | None) -> float | None:
+    from MLPipeline.Calibration import check_probability
+    return None if value is None else check_probability(value, "--min-confidence")
+
+
+def check_csv_path(csv: Path, inputs: list[Path]) -> None:
+    """--csv must name a new or regular file that is none of the command's inputs (the model, an image)."""
+    if csv.is_dir():
+        raise UserError(f"--csv {csv} is a folder; give a file name such as predictions.csv")
+    for path in inputs:
+        if csv.exists() and path.exists() and os.path.samefile(csv, path):
+            raise UserError(f"--csv {csv} is {path}, an input of this command: give another file name")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from MLPipeline.Calibration import coverage_lines
+    from MLPipeline.Distributed import is_main_process
+    from MLPipeline.Explain import torch_network
+    from MLPipeline.Config import check_option
+    from MLPipeline.Predict import evaluate, load_model
     check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
+    check_option(CONFIG_OPTIONS["workers"], args.workers)
+    if args.explain_count < 0:
+        raise UserError(f"--explain-count must be 0 or more, not {args.explain_count}")
+    min_confidence = checked_min_confidence(args.min_confidence)
     model = load_model(args.model, args.device)
-    report = evaluate(model, args.data_dir, args.output_dir, args.max_pixels)
+    if args.explain_count:
+        torch_network(model)  # an .onnx model cannot explain: say so before scoring anything
+    report = evaluate(model, args.data_dir, args.output_dir, args.max_pixels, workers=args.workers,
+                      explain_count=args.explain_count, min_confidence=min_confidence)
     if not is_main_process():
         return 0
     print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
           f"(model backbone {'pretrained' if model.info['pretrained'] else 'NOT pretrained'})")
     print(pd.DataFrame(report["per_class"]).to_string(index=False, float_format="%.3f"))
+    print(f"expected calibration error {100 * report['expected_calibration_error']:.2f}% (temperature "
+          f"{report['temperature']:.3g}); kept at each confidence threshold:")
+    print("\n".join(coverage_lines(pd.DataFrame(report["coverage"]), report["images"])))
+    if min_confidence is not None:
+        rest = report["review"]["accuracy_on_the_rest"]
+        print(f"review: {report['review']['images']} of {report['images']} image(s) below confidence "
+              f"{min_confidence:g}" + ("" if rest is None else f"; accuracy {100 * rest:.2f}% on the rest"))
     print(f"outputs in {args.output_dir}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from MLPipeline.Export import export_model
     out = export_model(args.model, args.format, args.out)
     print(f"wrote {out}: uint8 RGB images in, logits out; classes, image size and normalisation in its metadata "
           f"(README: Export and deploy)")
@@ -93,6 +147,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_make_demo_data(args: argparse.Namespace) -> int:
+    from MLPipeline.SyntheticData import make_demo_data
     counts = make_demo_data(args.out, args.per_class, args.seed, force=args.force)
     print(f"wrote {sum(counts.values())} demo images to {args.out}: "
           + ", ".join(f"{count} {name}" for name, count in counts.items()))
@@ -135,80 +190,83 @@ def add_option(parser: argparse.ArgumentParser, option: dataclasses.Field) -> No
                         help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="engine.py", description="Transfer-learning document classifier "
-                                     "(ResNet50). With no command: train on Data/ with the original's settings.")
-    commands = parser.add_subparsers(dest="command_name", metavar="{" + ",".join(COMMANDS) + "}")
-
-    trainer = commands.add_parser("train", help="train and save output/model.pt (the default command)")
-    trainer.set_defaults(command=run_train)
-    add_train_options(trainer)
-
-    predictor = commands.add_parser("predict", help="classify image files or folders with a trained model")
-    predictor.set_defaults(command=run_predict)
+def add_predict_options(predictor: argparse.ArgumentParser) -> None:
     predictor.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     predictor.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
     predictor.add_argument("--top-k", type=positive_int, default=1, help="how many classes to print per image")
+    predictor.add_argument("--min-confidence", type=float, metavar="P", help="a prediction whose probability is "
+                           "below P gets the decision 'review' (a column of its own; exit status still 0)")
+    predictor.add_argument("--explain", type=Path, metavar="DIR", help="also write a Grad-CAM heatmap picture of "
+                           "each classified image to DIR (needs model.pt: an .onnx file has no gradients)")
     add_device_option(predictor)
     add_option(predictor, CONFIG_OPTIONS["max_pixels"])
+    add_option(predictor, CONFIG_OPTIONS["workers"])
 
-    evaluator = commands.add_parser("evaluate", help="score a trained model on a labelled folder")
-    evaluator.set_defaults(command=run_evaluate)
+
+def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
     evaluator.add_argument("data_dir", type=Path, help="folder with one sub-folder per class")
     evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
+    evaluator.add_argument("--min-confidence", type=float, metavar="P", help="count the images a prediction "
+                           "threshold of P sends to review, and the accuracy on the rest")
+    evaluator.add_argument("--explain-count", type=int, default=0, metavar="N", help="explained/ in the output "
+                           "folder also shows the N least confident correct images (default: %(default)s)")
     add_device_option(evaluator)
     add_option(evaluator, CONFIG_OPTIONS["max_pixels"])
+    add_option(evaluator, CONFIG_OPTIONS["workers"])
 
-    exporter = commands.add_parser("export", help="write the trained model as ONNX (or torch.export .pt2) for use "
-                                   "without this project")
-    exporter.set_defaults(command=run_export)
+
+def add_export_options(exporter: argparse.ArgumentParser) -> None:
     exporter.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    exporter.add_argument("--format", choices=FORMATS, default="onnx",
+    exporter.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
                           help="onnx (default; ONNX Runtime, any language) or pt2 (torch.export.load)")
     exporter.add_argument("--out", type=Path, help="file to write (default: next to --model, with the format's "
                           "suffix)")
 
-    demo = commands.add_parser("make-demo-data", help="write the synthetic demo dataset of fake documents")
-    demo.set_defaults(command=run_make_demo_data)
+
+def add_demo_options(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR)
     demo.add_argument("--per-class", type=int, default=250)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="write even if the folder already holds images")
 
+
+# name: (help, what runs it, what adds its options)
+COMMANDS = {"train": ("train and save output/model.pt (the default command)", run_train, add_train_options),
+            "predict": ("classify image files or folders with a trained model", run_predict, add_predict_options),
+            "evaluate": ("score a trained model on a labelled folder", run_evaluate, add_evaluate_options),
+            "export": ("write the trained model as ONNX (or torch.export .pt2) for use without this project",
+                       run_export, add_export_options),
+            "make-demo-data": ("write the synthetic demo dataset of fake documents", run_make_demo_data,
+                               add_demo_options)}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command and its options; only the command given has its options added (each is a few dozen)."""
+    parser = argparse.ArgumentParser(prog="engine.py", description="Transfer-learning document classifier "
+                                     "(ResNet50). With no command: train on Data/ with the original's settings.")
+    commands = parser.add_subparsers(dest="command_name", metavar="{" + ",".join(COMMANDS) + "}")
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         parser.error(f"unknown command '{argv[0]}': choose from {', '.join(COMMANDS)}")
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["train", *argv]  # `python engine.py [train options]` trains
-    args = parser.parse_args(argv)
-    return args
+    for name, (help, run, add_options) in COMMANDS.items():
+        command = commands.add_parser(name, help=help)
+        command.set_defaults(command=run)
+        if name == argv[0]:
+            add_options(command)
+    return parser.parse_args(argv)
 
 
-def setup_logging() -> None:
-    """Progress lines to stdout, warnings to stderr, both as bare messages.
-
-    OpenCV's own warnings about undecodable files are silenced: each such file is named in our warning.
-    So are the ONNX exporter's notes on each of its passes: export says what it checked and wrote.
-    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
-    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
-    """
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
-        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
-            stream.reconfigure(errors=errors)
-    to_stdout = logging.StreamHandler(sys.stdout)
-    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
-    to_stderr = logging.StreamHandler(sys.stderr)
-    to_stderr.setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr], force=True)
-    for talkative in ("onnxscript", "onnx_ir"):
-        logging.getLogger(talkative).setLevel(logging.WARNING)
+def stop(signal_number: int, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return args.command(args)
     except UserError as error:
@@ -221,10 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a folder we may not read or write, a full disk
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: output files are replaced whole at the end of a run, never half-written; "
-              "those not yet replaced are the previous run's", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # the reader of our output stopped early (| head): not an error of this run
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt as interrupt:
+        print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}: output files are replaced "
+              "whole at the end of a run, never half-written; those not yet replaced are the previous run's",
+              file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

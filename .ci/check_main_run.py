@@ -1,10 +1,12 @@
 """Check what the README's main command (`python engine.py`) left behind, for .ci/run.
 
-A good default run leaves a model.pt that loads with the project's own loader, a metrics.json that
-records a pretrained backbone and a test accuracy far above chance, and a log without a traceback.
-Prints one summary line; on failure, one `.ci/run: main run failed: <reason>` line and exit status 1.
+A good default run, on the demo data it generates, leaves a model.pt that loads with the project's own
+loader and a metrics.json that records a pretrained backbone, the default recipe's 10 epochs, 600 training
+and 150 test images with none skipped, and a test accuracy far above chance; every output was written
+after the run started (none is left from an earlier run); and its log has no traceback. Prints one
+summary line; on failure, one `.ci/run: main run failed: <reason>` line and exit status 1.
 
-    python .ci/check_main_run.py --log LOG --output-dir output [--wall-s SECONDS]
+    python .ci/check_main_run.py --log LOG --output-dir output --started EPOCH_SECONDS [--wall-s SECONDS]
 """
 import argparse
 import json
@@ -18,6 +20,9 @@ from MLPipeline import UserError, load_model  # noqa: E402
 # (README, Results). ImageNet features should tell the demo documents apart easily; 0.8 leaves room for
 # noise while no guessing or random-feature run comes near it.
 MIN_TEST_ACCURACY = 0.8
+EPOCHS = 10  # the original's recipe, the default
+IMAGES = {"train": 600, "test": 150}  # the demo data: 250 per class, split 80/20
+OUTPUTS = ("model.pt", "metrics.json", "history.csv", "split.csv", "loss_curve.png", "confusion_matrix.png")
 
 
 class CheckFailed(Exception):
@@ -31,10 +36,15 @@ def read_text(path: Path) -> str:
         raise CheckFailed(f"cannot read {path}: {error.strerror}") from None
 
 
-def check(log: Path, output_dir: Path) -> str:
+def check(log: Path, output_dir: Path, started: float) -> str:
     """The summary of a good run; raises CheckFailed naming the first thing wrong."""
     if "Traceback" in read_text(log):
         raise CheckFailed(f"the log holds a Traceback (see {log})")
+    for name in OUTPUTS:
+        if not (output_dir / name).is_file():
+            raise CheckFailed(f"{output_dir / name} was not written")
+        if (output_dir / name).stat().st_mtime < started:
+            raise CheckFailed(f"{output_dir / name} is older than the run: left from an earlier one")
     try:
         model = load_model(output_dir / "model.pt", device="cpu")
     except UserError as error:
@@ -43,8 +53,19 @@ def check(log: Path, output_dir: Path) -> str:
         metrics = json.loads(read_text(output_dir / "metrics.json"))
     except ValueError as error:
         raise CheckFailed(f"{output_dir / 'metrics.json'} is not valid JSON: {error}") from None
-    arch = metrics.get("arch", "(not recorded)")  # the backbone actually used: offline, the Lite0 fallback
+    arch = metrics.get("arch")  # the backbone actually used: offline, the Lite0 fallback
     weights, accuracy = metrics.get("weights_source"), metrics["test_accuracy"]
+    if not arch or not weights or model.info.get("arch") != arch:
+        raise CheckFailed(f"the backbone is not recorded in metrics.json and model.pt alike ({arch}, {weights})")
+    if len(metrics["history"]) != EPOCHS or metrics["config"]["epochs"] != EPOCHS:
+        raise CheckFailed(f"the run trained {len(metrics['history'])} epochs, not the default {EPOCHS}")
+    counts = {split: sum(per_split.get(split, 0) for per_split in metrics["dataset"]["counts"].values())
+              for split in IMAGES}
+    if counts != IMAGES:
+        raise CheckFailed(f"the run used {counts} images, not the demo data's {IMAGES}")
+    if metrics["dataset"]["skipped_count"]:
+        raise CheckFailed(f"the run skipped {metrics['dataset']['skipped_count']} file(s): "
+                          f"{', '.join(list(metrics['dataset']['skipped'])[:3])}")
     if metrics.get("pretrained") is not True:
         raise CheckFailed(f"backbone {arch} is not pretrained (weights: {weights}); the default run must "
                           f"train on ImageNet features")
@@ -58,10 +79,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log", type=Path, required=True, help="the main command's combined output")
     parser.add_argument("--output-dir", type=Path, default=Path("output"), help="the run's output folder")
+    parser.add_argument("--started", type=float, required=True, help="when the run started (seconds since 1970)")
     parser.add_argument("--wall-s", type=int, help="the main command's wall time, for the summary")
     args = parser.parse_args()
     try:
-        summary = check(args.log, args.output_dir)
+        summary = check(args.log, args.output_dir, args.started)
     except CheckFailed as error:
         print(f".ci/run: main run failed: {error}", file=sys.stderr)
         return 1

@@ -1,14 +1,16 @@
 """The basics every module uses: the user-error type, atomic file writes, the device, progress lines.
 
-It imports nothing from the project, so data, model, report, training and prediction can all import it.
+It imports nothing from the project, so every other module can import it.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
+import io
 import logging
 import os
-import socket
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,89 +21,66 @@ import torch
 log = logging.getLogger("MLPipeline")
 
 PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
-LOCK_NAME = ".run.lock"  # in the output folder while a run writes there: who holds it
 
 
 class UserError(Exception):
     """A mistake the user can fix: the CLI prints the message and exits with status 2."""
 
 
-def save_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(temp_path) next to `path`, then os.replace it in: readers never see half a file."""
+def first_line(error: Exception) -> str:
+    """An exception's message, first line only: what a user needs, not a library's page of context."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def safe_torch_load(path: Path, what: str) -> dict:
+    """torch.load restricted to tensors and plain containers: a crafted pickle is refused, never run."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for files that are not checkpoints
+        if "GLOBAL" in str(error):
+            raise UserError(f"{path} was refused: it asks to load Python objects other than tensors and plain "
+                            f"values (loading it could run code), so it is not a {what} of this project") from None
+        raise UserError(f"{path} is not a readable {what} (corrupt, truncated or not a PyTorch file: "
+                        f"{type(error).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} is not a {what}: it holds a {type(loaded).__name__}, not a dict")
+    return loaded
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[str]:
+    """`with atomic_write(path) as temp_name:` write temp_name, next to `path`; on leaving the block it is
+    os.replace'd in whole, so readers never see half a file.
+
+    A link, a FIFO or a device at `path` is refused, never replaced. A write that fails (a full disk,
+    whatever the writer raises, Ctrl-C) leaves the previous file as it was and no temporary file behind.
+    """
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not stat.S_ISREG(path.stat().st_mode)):
+        raise UserError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}, so it is "
+                        f"not replaced: choose another file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        write(temp_name)
+        yield temp_name
         with open(temp_name, "rb+") as written:
             os.fsync(written.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(temp_name, path)
+    except OSError as error:  # a full disk, a folder we may not write to: named with the file, one line
+        raise OSError(error.errno, f"could not write {path} ({error.strerror or first_line(error)}); the file "
+                      f"there before, if any, is unchanged") from None
+    except RuntimeError as error:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        if "writ" not in str(error):
+            raise
+        raise OSError(errno.EIO, f"could not write {path} ({first_line(error)}); the file there before, if "
+                      f"any, is unchanged") from None
     finally:
         if os.path.exists(temp_name):
             os.remove(temp_name)
-
-
-def check_output_dir(output_dir: Path) -> None:
-    """An output folder may not exist yet, but must not be a file: checked before any work is done."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"output folder {output_dir} is a file; choose a folder with --output-dir")
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path) -> Iterator[None]:
-    """Hold output_dir for one run: another run on it fails at once, naming this process.
-
-    The lock is the kernel's (flock) on output_dir/.run.lock, which holds "PID N on HOST" for that message. The
-    kernel lets go when the process ends, however it ends, so a lock file a killed run left is just taken over.
-    An output folder this run had to create and never wrote to is removed with the lock.
-    """
-    output_dir = Path(output_dir)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handle = take_lock(output_dir / LOCK_NAME)
-    try:
-        yield
-    finally:
-        os.remove(output_dir / LOCK_NAME)  # before unlocking: take_lock checks that it locked the file still there
-        os.close(handle)
-        if created:
-            with contextlib.suppress(OSError):  # not empty: this run wrote its outputs
-                output_dir.rmdir()
-
-
-def take_lock(path: Path) -> int:
-    """Lock `path` (created if need be) and write our PID and host in it; UserError if another process holds it."""
-    while True:
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(handle, 1000).decode(errors="replace").strip() or "a process that is starting"
-            os.close(handle)
-            raise UserError(f"output folder {path.parent} is in use by another run ({owner}): wait for it to end, "
-                            f"or choose another --output-dir") from None
-        if is_same_file(handle, path):
-            break
-        os.close(handle)  # its holder removed that file as it finished: lock the one there now
-    stale = os.read(handle, 1000).decode(errors="replace").strip()
-    if stale:
-        log.warning("warning: took over the lock of %s from a run that ended without releasing it (%s)",
-                    path.parent, stale)
-    os.ftruncate(handle, 0)
-    os.pwrite(handle, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return handle
-
-
-def is_same_file(handle: int, path: Path) -> bool:
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (status.st_dev, status.st_ino) == (os.fstat(handle).st_dev, os.fstat(handle).st_ino)
 
 
 def pick_device(name: str) -> torch.device:
@@ -127,7 +106,11 @@ def autocast(device: torch.device, training: bool = False):
 
 
 def progress_reporter(label: str, total: int) -> Callable[[int], None]:
-    """A callback that logs 'label: done/total (rate, time left)' at most every PROGRESS_SECONDS."""
+    """A callback that logs 'label: done/total (rate, time left)' at most every PROGRESS_SECONDS.
+
+    Hand-written rather than tqdm: one plain line every few seconds reads well in a log file or CI output,
+    where a redrawn bar does not, and it goes through the same logger as every other line.
+    """
     start = last = time.perf_counter()
 
     def update(done: int) -> None:
@@ -140,50 +123,19 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
     return update
 
 
-# --------------------------------------------------------------------------------------- several processes
-# `torchrun --nproc_per_node=N engine.py ...` starts N copies of the program with RANK, WORLD_SIZE and
-# LOCAL_RANK set. Each takes its shard of the images; rank 0 alone logs progress and writes outputs.
+def setup_logging() -> None:
+    """Progress lines to stdout, warnings to stderr, both as bare messages.
 
-def world() -> tuple[int, int]:
-    """(this process's rank, number of processes) in the job it has joined: (0, 1) until start_distributed()
-    (a process that never joins, e.g. predicting with an .onnx file, works alone on everything)."""
-    if not torch.distributed.is_initialized():
-        return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def is_main_process() -> bool:
-    return world()[0] == 0
-
-
-def start_distributed(device: torch.device) -> torch.device:
-    """Join the torchrun job, if there is one (NCCL on GPUs, Gloo on CPUs); returns this process's device.
-
-    Every process but rank 0 logs warnings only, so progress is printed once.
+    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
+    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
     """
-    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if size == 1 or torch.distributed.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
-                                         device if device.type == "cuda" else None)
-    if rank != 0:
-        log.setLevel(logging.WARNING)
-    return device
-
-
-def gather(item) -> list:
-    """Every process's `item` (any picklable value), in rank order; [item] in a single process."""
-    if not torch.distributed.is_initialized():
-        return [item]
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, item)
-    return gathered
-
-
-def shard(items: list) -> list[int]:
-    """The positions of `items` this process handles: every WORLD_SIZE-th, from its rank."""
-    rank, size = world()
-    return list(range(rank, len(items), size))
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
+            stream.reconfigure(errors=errors)
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr], force=True)
+    for talkative in ("onnxscript", "onnx_ir"):  # the ONNX exporter's notes on each of its passes
+        logging.getLogger(talkative).setLevel(logging.WARNING)

@@ -1,5 +1,4 @@
-"""Take a trained model elsewhere: export it to ONNX or torch.export (.pt2), and run an .onnx file; and run
-a frozen backbone in ONNX Runtime during training, where that is faster than PyTorch.
+"""Take a trained model elsewhere: export it to ONNX or torch.export (.pt2), and run an .onnx file.
 
 The exported graph takes what any image decoder gives: uint8 RGB images, N x img_size x img_size x 3 for any
 N; it scales them to [0, 1] and normalises them inside, and returns float32 logits, N x classes. So a user in
@@ -11,10 +10,7 @@ onnxruntime is imported inside the functions that need it: importing MLPipeline 
 """
 from __future__ import annotations
 
-import io
 import json
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from MLPipeline.Common import UserError, log, progress_reporter, save_atomically
+from MLPipeline.Common import UserError, atomic_write, log, progress_reporter
 from MLPipeline.CreateDataset import to_model_input
-from MLPipeline.ResNet_Model import Classifier, check_model_file, load_checkpoint
+from MLPipeline.ResNet_Model import Classifier, check_model_file, check_model_info, load_checkpoint
 
 FORMATS = ("onnx", "pt2")
 EXPORT_FORMAT = "doc-classifier-export/1"  # marks a file as exported by this project
@@ -68,8 +64,8 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())  # 2: 1 would fix the size
     metadata = {key: json.dumps(value) for key, value in checkpoint.items() if key != "state_dict"}
     metadata.update(export_format=json.dumps(EXPORT_FORMAT), usage=json.dumps(USAGE))
-    save_atomically(out, lambda temp_name: write_verified(temp_name, file_format, program, metadata, model,
-                                                          checkpoint["img_size"]))
+    with atomic_write(out) as temp_name:
+        write_verified(temp_name, file_format, program, metadata, model, checkpoint["img_size"])
     return out
 
 
@@ -126,6 +122,14 @@ class OnnxModel:
     classes: list[str]
     img_size: int
     info: dict  # the metadata: the checkpoint's fields other than the weights
+    temperature: float = 1.0  # softmax(logits / T) are the calibrated probabilities (see Predict.TrainedModel)
+    device: torch.device = torch.device("cpu")
+
+    def network(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of N x 3 x S x S inputs in [0, 1] (what the data path gives the PyTorch model): turned back into
+        the exact uint8 images they were made from, which is what the exported graph takes."""
+        images = inputs.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0])
 
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         """Logits of decoded img_size x img_size uint8 RGB images, batch_size (default 64) at a time."""
@@ -154,103 +158,13 @@ def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
     if metadata.get("export_format") != json.dumps(EXPORT_FORMAT):
         raise UserError(f"{path} is an ONNX model, but not one exported by this project (its metadata lacks "
                         f"export_format); export one with `python engine.py export`")
-    info = {key: json.loads(value) for key, value in metadata.items()}
-    return OnnxModel(session, info["classes"], info["img_size"], info)
-
-
-# --- A frozen backbone in ONNX Runtime, during training
-
-BACKBONE_RUNTIMES = ("auto", "pytorch", "onnxruntime")
-MIN_IMAGES_TO_COMPARE = 500  # a run pushing fewer images through the backbone: not worth an export and a trial
-
-
-class FeaturesOf(nn.Module):
-    """model.features as a module of its own: what is exported."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.features(images)
-
-
-class FrozenBackbone:
-    """Computes a frozen backbone's features, like model.features: with PyTorch, or on the CPU with ONNX Runtime.
-
-    ONNX Runtime runs some networks much faster on a CPU and others slower (2-core CPU, features per second
-    against PyTorch's, channels_last: EfficientNet-Lite0 at 200 px 2.75x, ResNet50 1.3-1.5x, ResNet18 at 64 px
-    0.8x). runtime 'auto': a run that pushes at least MIN_IMAGES_TO_COMPARE images through the backbone on
-    the CPU exports it (1-2 s), runs the first batch in both and keeps the faster; 'onnxruntime' always
-    exports on the CPU; 'pytorch', GPUs, and any export that fails or gives other features use PyTorch.
-    The choice is made at the first call, so a run whose features all come from the cache exports nothing.
-    """
-
-    def __init__(self, model: Classifier, device: torch.device, runtime: str = "auto", images: int = 0):
-        self.model, self.runtime = model, runtime
-        self.name = "pytorch"
-        try_onnx = runtime == "onnxruntime" or (runtime == "auto" and images >= MIN_IMAGES_TO_COMPARE)
-        if try_onnx and device.type != "cpu":
-            try_onnx = False
-            if runtime == "onnxruntime":
-                log.warning("warning: ONNX Runtime runs the backbone on the CPU only; on %s PyTorch runs it", device)
-        self.run: Callable[[torch.Tensor], torch.Tensor] | None = None if try_onnx else model.features
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.run is not None:
-            return self.run(images)
-        self.run, features = self.choose(images)
-        return features
-
-    def choose(self, images: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-        """ONNX Runtime or PyTorch, from the first batch: same features (within TOLERANCE), and faster.
-        Returns the choice and its features of `images`."""
-        try:
-            onnx_features = onnx_features_of(self.model, images.shape[-1])
-            (pytorch_speed, expected), (onnx_speed, got) = (timed(run, images) for run in
-                                                            (self.model.features, onnx_features))
-            if got.shape != expected.shape:
-                raise ValueError(f"features of shape {tuple(got.shape)}, not {tuple(expected.shape)}")
-            difference = (got - expected).abs().max().item()
-        except Exception as error:  # the exporter and ONNX Runtime raise many kinds
-            log.warning("warning: the backbone could not run in ONNX Runtime (%s: %s); PyTorch runs it",
-                        type(error).__name__, (str(error).strip().splitlines() or [""])[0])
-            return self.model.features, self.model.features(images)
-        if difference > TOLERANCE * max(1.0, expected.abs().max().item()):
-            log.warning("warning: ONNX Runtime's features differ from PyTorch's by %.3g; PyTorch runs the backbone",
-                        difference)
-            return self.model.features, expected
-        if self.runtime == "auto" and onnx_speed <= pytorch_speed:
-            log.info("backbone: PyTorch (%.1f images/s; ONNX Runtime %.1f)", pytorch_speed, onnx_speed)
-            return self.model.features, expected
-        self.name = "onnxruntime"
-        log.info("backbone: ONNX Runtime (%.1f images/s; PyTorch %.1f)", onnx_speed, pytorch_speed)
-        return onnx_features, got
-
-
-def onnx_features_of(model: Classifier, img_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """model.features exported to ONNX in memory, as a function run by ONNX Runtime on the CPU, on as many
-    threads as PyTorch uses."""
-    import onnxruntime
-    buffer = io.BytesIO()
-    with torch.inference_mode(False), warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated, but exports ResNet50 in 2 s where the dynamo one
-        # (export_model's) takes 11: paid by every run that uses this.
-        warnings.simplefilter("ignore")
-        # The exporter puts the module back in the mode it found it in: the model's own, not a new module's.
-        torch.onnx.export(FeaturesOf(model).train(model.training), (torch.rand(1, 3, img_size, img_size),),
-                          buffer, dynamo=False, input_names=[INPUT_NAME], output_names=["features"],
-                          dynamic_axes={INPUT_NAME: {0: "n"}})
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    return lambda images: torch.from_numpy(session.run(None, {INPUT_NAME: images.contiguous().numpy()})[0])
-
-
-def timed(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(images per second, output) of the second of two calls (the first pays for first-call allocations)."""
-    with torch.no_grad():
-        run(images)
-        start = time.perf_counter()
-        output = run(images)
-    return len(images) / (time.perf_counter() - start), output
+    try:
+        info = {key: json.loads(value) for key, value in metadata.items()}
+    except ValueError:
+        raise UserError(f"{path} has damaged metadata (not JSON): export it again") from None
+    check_model_info(info, path)
+    graph_input, graph_output = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    if graph_input[1:3] != [info["img_size"]] * 2 or graph_output[1] != len(info["classes"]):
+        raise UserError(f"{path}'s metadata do not match its graph ({len(info['classes'])} classes and img_size "
+                        f"{info['img_size']}, for inputs {graph_input} and outputs {graph_output}): export it again")
+    return OnnxModel(session, info["classes"], info["img_size"], info, info["temperature"])

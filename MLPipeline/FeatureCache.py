@@ -1,10 +1,10 @@
-"""A frozen backbone's features: streamed from the image files, kept on disk for the next run.
+"""A frozen backbone's features, kept on disk for the next run.
 
 With the backbone frozen, an image's features depend only on the file, the backbone's weights, the image
-size and the normalisation. They are computed once, chunk by chunk as the files decode (memory holds a few
-chunks of images, never the dataset), and stored per file, so that a second run with other head settings
+size and the normalisation. They are stored per file, so that a second run with other head settings
 (--lr, --epochs, --schedule, --val-size, --seed) skips decoding and the backbone entirely, and a changed or
-added file is computed alone.
+added file is computed alone. The recipe hands `cached` its own function that computes features, and gets
+back one that computes only what the cache lacks.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from MLPipeline.Common import log, progress_reporter, save_atomically
-from MLPipeline.CreateDataset import stream_images
-from MLPipeline.ResNet_Model import Classifier, forward_in_batches
+from MLPipeline.Common import atomic_write, log
 
 CACHE_FORMAT = "doc-classifier-features/4"
 DECODE_VERSION = 1  # raise when the decode/resize path changes what an image becomes
@@ -39,7 +38,7 @@ def file_key(path: str) -> bytes | None:
     return hashlib.blake2b(os.fsencode(identity), digest_size=KEY_BYTES).digest()
 
 
-def backbone_fingerprint(model: Classifier, arch: str, img_size: int) -> str:
+def backbone_fingerprint(model: nn.Module, arch: str, img_size: int) -> str:
     """A hash of everything besides the file that determines its features: the backbone's weights themselves
     (two weights files of the same name must not share a cache), architecture, image size, mean/std, the
     decode path's version and torch's (its kernels may round differently)."""
@@ -128,7 +127,8 @@ class FeatureCache:
         keys = torch.from_numpy(np.frombuffer(b"".join(self.rows), np.uint8).reshape(-1, KEY_BYTES).copy())
         stored = {"format": CACHE_FORMAT, "fingerprint": self.fingerprint, "keys": keys, "blocks": kept,
                   "rows": rows - torch.tensor(self.starts, dtype=torch.int64)[block_of] + new_starts[block_of]}
-        save_atomically(self.path, lambda temp_name: torch.save(stored, temp_name))
+        with atomic_write(self.path) as temp_name:
+            torch.save(stored, temp_name)
 
 
 def first_rows(blocks: list[torch.Tensor]) -> list[int]:
@@ -136,36 +136,28 @@ def first_rows(blocks: list[torch.Tensor]) -> list[int]:
     return list(itertools.accumulate((len(block) for block in blocks[:-1]), initial=0))[:len(blocks)]
 
 
-def extract_features(model: Classifier, paths: list[str], img_size: int, device: torch.device, batch_size: int | None,
-                     cache: FeatureCache | None, max_pixels: int | None = None,
-                     network: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
-    """Features (on the CPU) of the files that decode, in order; returns (features, their positions in
-    `paths`, {bad path: reason}). Files in the cache are not read at all; the others stream through the
-    backbone as they decode (cache.update() then remembers them). network: what computes the features
-    (default model.features; training passes its FrozenBackbone)."""
-    keys = [file_key(path) for path in paths]
-    found = [position for position, key in enumerate(keys) if cache and key in cache]
-    to_compute = [position for position, key in enumerate(keys) if not (cache and key in cache)]
-    if cache:
-        log.info("features: %d image(s) from the cache (%s), %d to compute", len(found), cache.path,
-                 len(to_compute))
-    # One tensor filled row by row: the features are held once, never stacked into a second copy.
-    features = torch.empty(len(paths), model.head.in_features)
-    done_ok = torch.zeros(len(paths), dtype=torch.bool)
-    for position in found:
-        features[position], done_ok[position] = cache[keys[position]], True
-    skipped, done = {}, 0
-    update = progress_reporter("features", len(to_compute))
-    model.eval()
-    for chunk in stream_images([paths[position] for position in to_compute], img_size, max_pixels=max_pixels):
-        rows = [to_compute[position] for position in chunk.positions]
-        if rows:
-            features[rows] = forward_in_batches(network or model.features, chunk.images, device,
-                                                batch_size).float().cpu()
-            done_ok[rows] = True
-        skipped.update(chunk.skipped)
-        done += len(chunk.positions) + len(chunk.skipped)
-        update(done)
-    positions = done_ok.nonzero().flatten().tolist()
-    return (features if len(positions) == len(paths) else features[done_ok]), positions, skipped
+Features = Callable[[list[str]], tuple[torch.Tensor, list[int], dict[str, str]]]
+
+
+def cached(compute: Features, cache_dir: Path, fingerprint: str) -> Features:
+    """`compute(paths) -> (features of the files that decode, their positions in paths, {path: why not})`,
+    answered from the cache where it can: the files it holds are not read at all, the others are computed
+    in one call and remembered. `.save()` on the function returned writes the cache, if anything was added."""
+    cache = FeatureCache(cache_dir, fingerprint)
+
+    def cached_compute(paths: list[str]) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+        keys = [file_key(path) for path in paths]
+        missing = [position for position, key in enumerate(keys) if key not in cache]
+        log.info("features: %d image(s) from the cache (%s), %d to compute", len(paths) - len(missing), cache.path,
+                 len(missing))
+        computed, computed_positions, failed = compute([paths[position] for position in missing])
+        computed_positions = [missing[position] for position in computed_positions]
+        if computed_positions:
+            cache.update(paths, computed_positions, computed)
+        if len(missing) == len(paths):  # nothing came from the cache: no second copy of the features
+            return computed, computed_positions, failed
+        positions = [position for position, key in enumerate(keys) if key in cache and paths[position] not in failed]
+        return torch.stack([cache[keys[position]] for position in positions]), positions, failed
+    cached_compute.cache = cache  # for tests and benchmarks that look inside
+    cached_compute.save = lambda: cache.save() if len(cache.rows) > cache.loaded else None
+    return cached_compute

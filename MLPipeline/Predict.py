@@ -8,13 +8,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from MLPipeline import Report
-from MLPipeline.Common import (UserError, check_output_dir, gather, is_main_process, log, pick_device,
-                               progress_reporter, shard, start_distributed)
-from MLPipeline.CreateDataset import (check_data_dir, find_presplit, index_folder, list_images, resize, skip_reasons,
-                                      stream_images, usable)
+import MLPipeline.Report as Report
+from MLPipeline import Calibration
+from MLPipeline.Common import UserError, log, pick_device
+from MLPipeline.CreateDataset import (files_through, forward_batches, load_images, resize, skip_reasons,
+                                      to_model_input, usable)
+from MLPipeline.Distributed import is_main_process, sharded, start_distributed
+from MLPipeline.Explain import explain_evaluation
 from MLPipeline.Export import OnnxModel, load_onnx_model
-from MLPipeline.ResNet_Model import Classifier, forward_in_batches, load_checkpoint, prepare_model
+from MLPipeline.Folders import check_data_dir, find_presplit, index_folder, list_images
+from MLPipeline.OutputFolder import check_output_dir, output_lock
+from MLPipeline.ResNet_Model import Classifier, inference_batch_size, load_checkpoint, prepare_model
 
 
 @dataclass
@@ -27,10 +31,15 @@ class TrainedModel:
     std: tuple[float, ...]
     device: torch.device
     info: dict  # the checkpoint's fields other than the weights
+    temperature: float = 1.0  # fitted on a validation split, when training had one: probabilities = softmax(logits / T)
 
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
-        """Logits (on CPU) of already decoded img_size x img_size uint8 RGB images."""
-        return forward_in_batches(self.network, images, self.device, batch_size, label="predict").cpu()
+        """Logits (on the CPU) of already decoded img_size x img_size uint8 RGB images."""
+        batch_size = batch_size or inference_batch_size(self.device, self.img_size)
+        inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)))
+        batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, torch.zeros(len(inputs), 0)),
+                                              batch_size)
+        return forward_batches(self.network.eval(), batches, self.device, len(images), "predict")[0]
 
 
 def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> TrainedModel | OnnxModel:
@@ -47,8 +56,8 @@ def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> Tr
     network, checkpoint = load_checkpoint(path)
     target = start_distributed(pick_device(device))
     info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
-    return TrainedModel(prepare_model(network, target), checkpoint["classes"], checkpoint["img_size"],
-                        tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info)
+    return TrainedModel(prepare_model(network, target).eval(), checkpoint["classes"], checkpoint["img_size"],
+                        tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info, checkpoint["temperature"])
 
 
 def expand_inputs(inputs: list) -> list:
@@ -62,54 +71,55 @@ def expand_inputs(inputs: list) -> list:
     return expanded
 
 
+def file_logits(model: TrainedModel | OnnxModel, paths: list[str], batch_size: int | None = None,
+                max_pixels: int | None = None, workers: int = 0) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+    """Logits of the files that decode, their positions in `paths`, and {path: why not} of the others; the files
+    stream through the model batch by batch, so a folder of any size keeps memory flat."""
+    return files_through(model.network, paths, model.img_size, model.device,
+                         batch_size or inference_batch_size(model.device, model.img_size), workers, max_pixels,
+                         "predict")
+
+
 def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | None = None,
-            max_pixels: int | None = None) -> pd.DataFrame:
+            max_pixels: int | None = None, workers: int = 0, min_confidence: float | None = None) -> pd.DataFrame:
     """Classify image paths, folders or RGB uint8 arrays; one row per image.
 
-    Columns: input, label, confidence, one probability column per class, and error (empty when it worked;
-    otherwise why the input could not be classified, and the other columns are empty).
-    Files are decoded as in training, chunk by chunk (images over max_pixels are refused): a folder of any size
-    keeps memory flat. Under torchrun
-    each process classifies its shard of the inputs, and every process returns the whole table, in order.
+    Columns: input, label, confidence, one probability column per class (calibrated by the model's temperature),
+    with min_confidence a `decision` column (the label, or `review` below that probability), and error (empty
+    when it worked; otherwise why the input could not be classified, and the other columns are empty). Files
+    are decoded as in training; arrays are resized the same way. Under torchrun each process classifies its
+    share of the files, and every process returns the whole table, in order.
     """
     items = expand_inputs(inputs)
-    mine = shard(items)
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
     errors = [""] * len(items)
-    shard_results = classify(model, [items[i] for i in mine], batch_size, max_pixels)
-    for positions, shard_probabilities, shard_errors in gather((mine, *shard_results)):
-        probabilities[positions] = shard_probabilities
-        for position, error in zip(positions, shard_errors):
-            errors[position] = error
-    return results_table(items, probabilities, errors, model.classes)
-
-
-def classify(model: TrainedModel | OnnxModel, items: list, batch_size: int | None = None,
-             max_pixels: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """(class probabilities, NaN where it failed; the error of each item, "" where it worked) of files and arrays."""
-    probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
-    errors = [""] * len(items)
+    files = [position for position, item in enumerate(items) if not isinstance(item, np.ndarray)]
+    paths = [str(items[position]) for position in files]
+    logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers))(paths)
+    if positions:
+        probabilities[[files[position] for position in positions]] = probabilities_of(model, logits)
+    for position, path in zip(files, paths):
+        errors[position] = failed.get(path, "")
     arrays = [position for position, item in enumerate(items) if isinstance(item, np.ndarray)]
     for position in arrays:
         if items[position].ndim != 3 or items[position].shape[2] != 3 or items[position].dtype != np.uint8:
-            errors[position] = f"arrays must be H x W x 3 uint8 RGB, not {items[position].shape} {items[position].dtype}"
+            array = items[position]
+            errors[position] = f"arrays must be H x W x 3 uint8 RGB, not {array.shape} {array.dtype}"
     good_arrays = [position for position in arrays if not errors[position]]
     if good_arrays:
         resized = np.stack([resize(items[position], model.img_size) for position in good_arrays])
-        probabilities[good_arrays] = model.logits(resized, batch_size).softmax(1).numpy()
-    files = [position for position in range(len(items)) if position not in set(arrays)]
-    paths = [str(items[position]) for position in files]
-    skipped, done, update = {}, 0, progress_reporter("predict", len(files))
-    for chunk in stream_images(paths, model.img_size, max_pixels=max_pixels):
-        if chunk.positions:
-            logits = model.logits(chunk.images, batch_size)
-            probabilities[[files[p] for p in chunk.positions]] = logits.softmax(1).numpy()
-        skipped.update(chunk.skipped)
-        done += len(chunk.positions) + len(chunk.skipped)
-        update(done)
-    for position, path in zip(files, paths):
-        errors[position] = skipped.get(path, "") if np.isnan(probabilities[position, 0]) else ""
-    return probabilities, errors
+        probabilities[good_arrays] = probabilities_of(model, model.logits(resized, batch_size))
+    results = results_table(items, probabilities, errors, model.classes)
+    if min_confidence is not None:
+        ok = (results.error == "").to_numpy()
+        results.insert(3, "decision", "")
+        results.loc[ok, "decision"] = Calibration.decisions(probabilities[ok], model.classes, min_confidence)
+    return results
+
+
+def probabilities_of(model: TrainedModel | OnnxModel, logits: torch.Tensor) -> np.ndarray:
+    """softmax(logits / T): T is 1 for a model trained without a validation split (uncalibrated)."""
+    return Calibration.calibrated_probabilities(logits, model.temperature).numpy()
 
 
 def results_table(items: list, probabilities: np.ndarray, errors: list[str], classes: list[str]) -> pd.DataFrame:
@@ -128,13 +138,21 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
 
 
 def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,
-             max_examples: int = 36) -> dict:
+             max_examples: int = 36, workers: int = 0, explain_count: int = 0,
+             min_confidence: float | None = None) -> dict:
     """Score a labelled folder (one sub-folder per class); write metrics, confusion matrix and misclassified grid.
 
-    Images stream through the model chunk by chunk; only the first `max_examples` misclassified ones are kept.
+    Images stream through the model batch by batch; the output folder is locked while it is written. With a
+    PyTorch model the grid shows each image's Grad-CAM heatmap, and explained/ holds those images full size
+    and the explain_count least confident correct ones. Calibration: the expected calibration error,
+    calibration.png and coverage.csv (images kept and their accuracy at each confidence threshold); with
+    min_confidence, how many images go to review.
     """
     check_data_dir(data_dir)
     check_output_dir(output_dir)
+    if (Path(output_dir) / "model.pt").exists():
+        raise UserError(f"{output_dir} holds a trained model and its outputs, which evaluate would overwrite: "
+                        f"choose another --output-dir")
     presplit = find_presplit(Path(data_dir))  # a pre-split folder is scored on its test part
     index = index_folder(presplit[1] if presplit else Path(data_dir))
     if index.empty:
@@ -148,43 +166,35 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
     skipped = skip_reasons(index)  # files that are not images: named when the folder was read
     index = usable(index).reset_index(drop=True)
-    true_labels = index.label.map(model.classes.index).to_numpy()
-    probabilities = np.full((len(index), len(model.classes)), np.nan, np.float32)
-    examples = {}
-    for shard_probabilities, shard_skipped, shard_examples in gather(
-            score_shard(model, index.path.tolist(), true_labels, max_examples, max_pixels)):
-        probabilities[list(shard_probabilities)] = list(shard_probabilities.values())
-        skipped.update(shard_skipped)
-        examples.update(shard_examples)
-    scored = ~np.isnan(probabilities[:, 0])
-    if not scored.any():
+    logits, positions, failed = sharded(lambda some: file_logits(model, some, None, max_pixels, workers))(
+        index.path.tolist())
+    skipped.update(failed)
+    if not positions:
         raise UserError(f"no readable images in {data_dir}")
-    index, probabilities, true_labels = index[scored].reset_index(drop=True), probabilities[scored], true_labels[scored]
-    predicted = probabilities.argmax(1)
+    index, probabilities = index.iloc[positions].reset_index(drop=True), probabilities_of(model, logits)
+    predicted, true_labels = probabilities.argmax(1), index.label.map(model.classes.index).to_numpy()
     report = Report.classification_report(true_labels, predicted, model.classes)
+    coverage = Calibration.coverage_table(probabilities, true_labels)
+    bins = Calibration.reliability_bins(probabilities, true_labels)
+    report.update(temperature=model.temperature, coverage=coverage.to_dict("records"),
+                  expected_calibration_error=Calibration.expected_calibration_error(probabilities, true_labels))
     report.update(unknown_classes=unknown, skipped=skipped, images=len(index), model_info={
         key: model.info[key] for key in ("arch", "weights_source", "pretrained", "created_utc")})
     predictions = index.assign(predicted=[model.classes[i] for i in predicted], confidence=probabilities.max(1))
+    if min_confidence is not None:
+        predictions["decision"] = Calibration.decisions(probabilities, model.classes, min_confidence)
+        kept = (predictions.decision != Calibration.REVIEW).to_numpy()
+        rest = float((predicted == true_labels)[kept].mean()) if kept.any() else None
+        report["review"] = {"min_confidence": min_confidence, "images": int((~kept).sum()),
+                            "accuracy_on_the_rest": rest}
     if is_main_process():
-        first_wrong = sorted(examples)[:max_examples]  # the order of the rows of `predictions`
-        Report.write_evaluation(Path(output_dir), report, predictions, np.array([examples[p] for p in first_wrong]))
+        wrong = predictions.path[predictions.label != predictions.predicted].tolist()[:max_examples]
+        with output_lock(output_dir):
+            misclassified = explain_evaluation(model, predictions, load_images(wrong, model.img_size)[0],
+                                               Path(output_dir), explain_count)
+            Report.write_evaluation(Path(output_dir), report, predictions, misclassified)
+            Report.write_csv(Path(output_dir) / "coverage.csv", coverage)
+            Report.draw(Calibration.plot_reliability, bins, report["expected_calibration_error"],
+                        f"{Report.backbone_title(model.info)}, temperature {model.temperature:.3g}",
+                        Path(output_dir) / "calibration.png")
     return report
-
-
-def score_shard(model: TrainedModel | OnnxModel, paths: list[str], true_labels: np.ndarray, max_examples: int,
-                max_pixels: int | None = None) -> tuple[dict[int, np.ndarray], dict[str, str], dict[int, np.ndarray]]:
-    """This process's share of evaluate(): ({position: probabilities}, {bad path: reason}, and the images of
-    its first `max_examples` misclassified files by position). Images stream through chunk by chunk."""
-    mine = shard(paths)
-    probabilities, skipped, examples, done = {}, {}, {}, 0
-    update = progress_reporter("evaluate", len(mine))
-    for chunk in stream_images([paths[i] for i in mine], model.img_size, max_pixels=max_pixels):
-        chunk_probabilities = model.logits(chunk.images).softmax(1).numpy() if chunk.positions else []
-        for position, row, image in zip(chunk.positions, chunk_probabilities, chunk.images):
-            probabilities[mine[position]] = row
-            if row.argmax() != true_labels[mine[position]] and len(examples) < max_examples:
-                examples[mine[position]] = image
-        skipped.update(chunk.skipped)
-        done += len(chunk.positions) + len(chunk.skipped)
-        update(done)
-    return probabilities, skipped, examples

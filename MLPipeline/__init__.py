@@ -5,14 +5,20 @@
     model = load_model("output/model.pt")
     results = predict(model, ["a.jpg", "b.png"])
     export_model("output/model.pt", "onnx")  # output/model.onnx, for ONNX Runtime; load_model() takes it too
-"""
-from MLPipeline.Common import UserError
-from MLPipeline.CreateDataset import build_index, load_image, load_images
-from MLPipeline.Export import OnnxModel, export_model
-from MLPipeline.Predict import TrainedModel, evaluate, load_model, predict
-from MLPipeline.ResNet_Model import build_model, load_checkpoint, save_checkpoint
-from MLPipeline.Train import TrainConfig, TrainingRun, train
 
-__all__ = ["UserError", "build_index", "load_image", "load_images", "build_model", "load_checkpoint",
-           "save_checkpoint", "TrainConfig", "TrainedModel", "TrainingRun", "evaluate", "load_model", "predict",
-           "train", "OnnxModel", "export_model"]
+Each name is imported from its module when first used, so that importing one module loads only what it needs.
+"""
+import importlib
+
+API = {"UserError": "Common", "build_index": "CreateDataset", "load_image": "CreateDataset",
+       "load_images": "CreateDataset", "OnnxModel": "Export", "export_model": "Export", "TrainedModel": "Predict",
+       "evaluate": "Predict", "load_model": "Predict", "predict": "Predict", "build_model": "ResNet_Model",
+       "load_checkpoint": "ResNet_Model", "save_checkpoint": "ResNet_Model", "TrainConfig": "Train",
+       "TrainingRun": "Train", "train": "Train", "explain": "Explain"}
+__all__ = list(API)
+
+
+def __getattr__(name: str):
+    if name not in API:
+        raise AttributeError(f"module 'MLPipeline' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"MLPipeline.{API[name]}"), name)

@@ -8,11 +8,28 @@ import pytest
 import torch
 
 from MLPipeline import TrainConfig, train
-from MLPipeline.CreateDataset import jitter_colours
-from MLPipeline.Export import MIN_IMAGES_TO_COMPARE, FrozenBackbone
+from MLPipeline import Augment, Train
+from MLPipeline.Augment import jitter_colours
+from MLPipeline.OnnxBackbone import MIN_IMAGES_TO_COMPARE, FrozenBackbone
 from MLPipeline.ResNet_Model import build_model, prepare_model
 
 CPU = torch.device("cpu")
+
+
+class Watched:
+    """A FrozenBackbone that notes which runtime computed each batch."""
+
+    def __init__(self, backbone, calls: list):
+        self.backbone, self.calls = backbone, calls
+
+    @property
+    def name(self) -> str:
+        return self.backbone.name
+
+    def __call__(self, images):
+        features = self.backbone(images)
+        self.calls.append(self.backbone.name)
+        return features
 
 
 def frozen_resnet18():
@@ -60,7 +77,7 @@ def test_auto_keeps_the_faster_runtime(monkeypatch):
     def timed(run, images):
         with torch.no_grad():
             return next(speeds), run(images)
-    monkeypatch.setattr("MLPipeline.Export.timed", timed)
+    monkeypatch.setattr("MLPipeline.OnnxBackbone.timed", timed)
     backbone = FrozenBackbone(model, CPU, "auto", images=MIN_IMAGES_TO_COMPARE)
     with torch.inference_mode():
         backbone(torch.rand(2, 3, 32, 32))
@@ -81,11 +98,24 @@ def test_training_in_either_runtime_gives_the_same_model(tiny_data, tmp_path):
     torch.testing.assert_close(runs["onnxruntime"].test_logits, runs["pytorch"].test_logits, rtol=1e-3, atol=1e-4)
 
 
-def test_augmented_training_runs_its_frozen_backbone_in_onnxruntime(tiny_data, tmp_path):
+def test_augmented_training_runs_its_frozen_backbone_in_onnxruntime(tiny_data, tmp_path, monkeypatch):
+    augmented, backbone_batches = [], []
+    real_augmenter, real_backbone = Augment.make_augmenter, Train.frozen_backbone
+
+    def counting_augmenter(*args):
+        augment = real_augmenter(*args)
+        return lambda images: augmented.append(len(images)) or augment(images)
+
+    def watched_backbone(*args):
+        return Watched(real_backbone(*args), backbone_batches)
+    monkeypatch.setattr(Augment, "make_augmenter", counting_augmenter)
+    monkeypatch.setattr(Train, "frozen_backbone", watched_backbone)
     run = train(TrainConfig(data_dir=tiny_data, output_dir=tmp_path, img_size=32, weights="none", backbone="resnet18",
-                            epochs=1, device="cpu", augment=True, backbone_runtime="onnxruntime"))
+                            epochs=2, device="cpu", augment=True, backbone_runtime="onnxruntime", workers=0))
+    train_images = run.metrics["dataset"]["counts"]
+    assert sum(augmented) == 2 * sum(counts["train"] for counts in train_images.values())  # every image, each epoch
     assert run.metrics["trained_on"] == "images" and run.metrics["backbone_runtime"] == "onnxruntime"
-    assert torch.isfinite(run.test_logits).all()
+    assert backbone_batches and set(backbone_batches) == {"onnxruntime"}  # features and training batches alike
 
 
 def test_the_colour_jitter_is_brightness_then_contrast_then_saturation():

@@ -15,19 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from MLPipeline import CreateDataset
-from MLPipeline.CreateDataset import (
-    BadImageError,
-    UserError,
-    build_index,
-    index_folder,
-    load_image,
-    load_images,
-    one_hot,
-    read_image,
-    stratified_split,
-    to_model_input,
-)
+from MLPipeline import CreateDataset, ImageFiles
+from MLPipeline.Common import UserError
+from MLPipeline.CreateDataset import build_index, load_image, load_images, stratified_split, to_model_input
+from MLPipeline.Folders import index_folder
+from MLPipeline.ImageFiles import BadImageError, read_image
 
 RED_RGB = (220, 30, 20)
 
@@ -109,7 +101,7 @@ def test_class_folder_without_images_is_left_out_with_a_warning(tmp_path, caplog
 
 def test_build_index_on_shared_tiny_data(tiny_data):
     index = build_index(tiny_data, test_size=0.2, seed=42)
-    assert list(index.columns) == ["path", "label", "skipped", "split"]
+    assert list(index.columns) == ["path", "label", "skipped", "split", "duplicate_of"]
     assert (index.skipped == "").all()
     assert sorted(index.label.unique()) == sorted(p.name for p in tiny_data.iterdir() if p.is_dir())
     assert set(index.split) == {"train", "test"}
@@ -437,7 +429,7 @@ def test_bad_file_raises_bad_image_error(tmp_path, kind):
 
 
 def test_image_over_max_pixels(tmp_path, monkeypatch):
-    monkeypatch.setattr(CreateDataset, "MAX_PIXELS", 40 * 40)
+    monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 40 * 40)
     small, big = write_image(tmp_path / "small.png", size=(40, 40)), write_image(tmp_path / "big.png", size=(41, 40))
     assert read_image(small).shape == (40, 40, 3)
     with pytest.raises(BadImageError, match="large|pixels"):
@@ -454,7 +446,7 @@ def test_pillow_decompression_bomb_limit_follows_max_pixels(tmp_path, monkeypatc
 
 
 def test_load_images_skips_and_reports_bad_files(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(CreateDataset, "MAX_PIXELS", 50 * 50)
+    monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 50 * 50)
     good = [write_image(tmp_path / "good" / f"{i}.{ext}", size=(40, 30 + i), colour=(10 * i, 100, 200), fmt=fmt)
             for i, (ext, fmt) in enumerate([("png", "PNG"), ("jpg", "JPEG"), ("png", "PNG")])]
     bad = list(bad_files(tmp_path / "bad").values())
@@ -500,13 +492,3 @@ def test_to_model_input_shape_dtype_and_scale():
     torch.testing.assert_close(batch[1, :, 4, 4], torch.ones(3))
     # channel c of the output is channel c of the HWC input (the model normalises with its own mean/std)
     torch.testing.assert_close(batch, (torch.from_numpy(images).float() / 255).permute(0, 3, 1, 2))
-
-
-def test_one_hot():
-    labels = torch.tensor([2, 0, 1, 2])
-    targets = one_hot(labels, 4)
-    assert targets.shape == (4, 4) and targets.dtype == torch.float32
-    assert torch.equal(targets.argmax(dim=1), labels)
-    assert torch.equal(targets.sum(dim=1), torch.ones(4))
-    assert set(targets.unique().tolist()) == {0.0, 1.0}
-    assert targets[:, 3].sum() == 0

@@ -5,13 +5,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ENGINE, ROOT
+from MLPipeline.ResNet_Model import build_model
+from tests.conftest import ENGINE, ROOT, make_image_folder
 
 TRAIN = ["--img-size", "32", "--weights", "none", "--backbone", "resnet18", "--epochs", "3"]
 
@@ -79,13 +81,16 @@ def test_a_process_that_dies_ends_the_job_and_leaves_the_previous_outputs(tiny_d
     output = tmp_path / "output"
     output.mkdir()
     (output / "model.pt").write_bytes(b"the previous model")
-    job = subprocess.Popen(torchrun("--data-dir", tiny_data, "--output-dir", output, "--img-size", "32",
-                                    "--weights", "none", "--backbone", "resnet18", "--epochs", "100000"),
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "job.log"
+    with open(log, "w") as log_file:  # a file, not a pipe: a pipe nobody reads would fill and block the job
+        job = subprocess.Popen(torchrun("--data-dir", tiny_data, "--output-dir", output, "--img-size", "32",
+                                        "--weights", "none", "--backbone", "resnet18", "--epochs", "100000"),
+                               cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     try:
-        for line in job.stdout:  # wait until training is under way
-            if line.startswith("epoch 1/"):
-                break
+        deadline = time.monotonic() + 300
+        while "epoch 1/" not in log.read_text() and time.monotonic() < deadline:  # training is under way
+            assert job.poll() is None, log.read_text()
+            time.sleep(0.2)
         os.kill(rank_processes(job.pid)[1], signal.SIGKILL)
         job.wait(timeout=120)
     finally:
@@ -95,3 +100,31 @@ def test_a_process_that_dies_ends_the_job_and_leaves_the_previous_outputs(tiny_d
     assert (output / "model.pt").read_bytes() == b"the previous model"
     assert not [path for path in output.rglob("*") if path.name.endswith(".tmp")]
     assert {path.name for path in output.iterdir()} <= {"model.pt", "cache", ".run.lock"}  # a stale lock is taken over
+
+
+def test_ddp_of_unfrozen_layers_on_two_processes_trains_the_weights_of_one(tmp_path):
+    """2 Gloo processes at --batch-size 4 see, step by step, the 8 images 1 process sees at --batch-size 8
+    (DistributedSampler deals each step's images out), and DDP averages their gradients: the same weights."""
+    data = make_image_folder(tmp_path / "data", per_class=10)  # 8 training images a class: 24, 3 steps of 8
+    settings = ["--data-dir", data, "--img-size", "32", "--weights", "none", "--backbone", "resnet18",
+                "--epochs", "2", "--unfreeze", "last", "--workers", "0"]
+    single = run([sys.executable, str(ENGINE), *settings, "--output-dir", tmp_path / "one", "--batch-size", "8"])
+    assert single.returncode == 0, single.stderr
+    double = run(torchrun(*settings, "--output-dir", tmp_path / "two", "--batch-size", "4"))
+    assert double.returncode == 0, double.stderr
+    one, two = (torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in ("one", "two"))
+    torch.manual_seed(42)  # train() seeds so before it builds the model: these are the starting weights
+    initial = build_model(3, "resnet18", "none", "last")[0].state_dict()
+    assert not torch.allclose(one["backbone.layer4.1.conv2.weight"], initial["backbone.layer4.1.conv2.weight"])
+    for name in ("head.weight", "head.bias", "backbone.layer4.1.conv2.weight", "backbone.layer4.0.conv1.weight"):
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-5)
+
+
+def test_evaluate_on_two_processes_writes_what_one_writes(one_and_two, tiny_data, tmp_path):
+    model = one_and_two[0] / "model.pt"
+    single = run([sys.executable, str(ENGINE), "evaluate", tiny_data, "--model", model, "--output-dir", tmp_path / "1"])
+    double = run(torchrun("evaluate", tiny_data, "--model", model, "--output-dir", tmp_path / "2"))
+    assert single.returncode == 0 and double.returncode == 0, double.stderr
+    for name in ("predictions.csv", "per_class.csv", "confusion_matrix.csv"):
+        assert (tmp_path / "2" / name).read_bytes() == (tmp_path / "1" / name).read_bytes(), name
+    assert double.stdout.replace(str(tmp_path / "2"), "") == single.stdout.replace(str(tmp_path / "1"), "")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from MLPipeline import TrainConfig, load_model, predict, train
-from MLPipeline.CreateDataset import make_augmenter
+from MLPipeline import Augment, TrainConfig, load_model, predict, train
+from MLPipeline.Augment import make_augmenter, random_homographies
 from MLPipeline.ResNet_Model import build_model
 from tests.conftest import FAST, run_engine
 
@@ -31,16 +31,33 @@ def test_each_backbone_family_trains_saves_and_predicts(arch, tiny_data, tmp_pat
 
 
 def test_augmenter_changes_each_image_and_keeps_the_shape():
-    images = torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8)
+    images = torch.rand(4, 3, 40, 40)
     torch.manual_seed(0)
     augmented = make_augmenter(40)(images)
-    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert augmented.shape == images.shape and augmented.dtype == torch.float32
+    assert 0 <= augmented.min() and augmented.max() <= 1
     assert all(not torch.equal(before, after) for before, after in zip(images, augmented))
 
 
-def test_augment_runs_the_uncached_path_and_is_recorded(tiny_data, tmp_path):
-    run = train(fast_config(tiny_data, tmp_path, augment=True, flips=True))
+def test_flips_mirror_about_half_the_images_and_only_when_asked():
+    torch.manual_seed(0)
+    mirrored = (random_homographies(400, flips=True)[:, 0, 0] < 0).float().mean()
+    assert 0.4 < mirrored < 0.6
+    assert (random_homographies(400, flips=False)[:, 0, 0] > 0).all()
+
+
+def test_augment_runs_the_uncached_path_and_is_recorded(tiny_data, tmp_path, monkeypatch):
+    made, augmented = [], []
+
+    def counting_augmenter(img_size, flips=False):
+        made.append(flips)
+        augment = make_augmenter(img_size, flips)
+        return lambda images: augmented.append(len(images)) or augment(images)
+    monkeypatch.setattr(Augment, "make_augmenter", counting_augmenter)
+    run = train(fast_config(tiny_data, tmp_path, augment=True, flips=True, epochs=2, workers=0))
     assert run.metrics["trained_on"] == "images"
+    assert made == [True]  # --flips reaches the augmenter
+    assert sum(augmented) == 2 * sum(counts["train"] for counts in run.metrics["dataset"]["counts"].values())
     training = torch.load(tmp_path / "model.pt", weights_only=True)["training"]
     assert training["augment"] is True and training["flips"] is True
 
@@ -57,6 +74,12 @@ def test_unfreeze_trains_the_chosen_layers_at_a_lower_rate_and_keeps_batchnorm_s
     assert changed("layer1.0.conv1.weight") == layer1_changes
     torch.testing.assert_close(initial.backbone.layer4[1].bn2.running_mean, trained.layer4[1].bn2.running_mean)
     assert run.metrics["trained_on"] == "images"
+    # Adam moves each weight by at most about its learning rate per step: the backbone's is --lr / 10.
+    steps = -(-sum(counts["train"] for counts in run.metrics["dataset"]["counts"].values()) // 8)
+    backbone_change = (initial.backbone.get_parameter("layer4.1.conv2.weight")
+                       - trained.get_parameter("layer4.1.conv2.weight")).abs().max().item()
+    head_change = (initial.head.weight - run.model.head.weight).abs().max().item()
+    assert 0 < backbone_change <= steps * 1e-4 * 1.05 < head_change
 
 
 def test_cosine_schedule_lowers_the_learning_rate_each_epoch(tiny_data, tmp_path):

@@ -16,15 +16,15 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import UserError, save_atomically
+from MLPipeline.Common import UserError, atomic_write
 from MLPipeline.ResNet_Model import (
     CheckpointInfo,
     build_model,
     checkpoint_dict,
     load_checkpoint,
-    resolve_weights,
     save_checkpoint,
 )
+from MLPipeline.Weights import resolve_weights
 
 IMAGENET = torchvision.models.get_model_weights("resnet50").DEFAULT
 IMAGENET_FILE = IMAGENET.url.rsplit("/", 1)[-1]
@@ -337,8 +337,8 @@ def test_failed_write_keeps_the_previous_file(tmp_path, written):
             handle.write(b"X" * written)
         raise KeyboardInterrupt  # an interrupted run, not just an error
 
-    with pytest.raises(KeyboardInterrupt):
-        save_atomically(target, fails_midway)
+    with pytest.raises(KeyboardInterrupt), atomic_write(target) as temp_name:
+        fails_midway(temp_name)
     assert target.read_bytes() == b"the previous model"
     assert os.listdir(tmp_path) == ["model.pt"]
 
@@ -346,7 +346,8 @@ def test_failed_write_keeps_the_previous_file(tmp_path, written):
 def test_saved_files_get_the_usual_permissions_not_owner_only(tmp_path):
     umask = os.umask(0o022)
     try:
-        save_atomically(tmp_path / "out.json", lambda temp_name: open(temp_name, "w").write("{}"))
+        with atomic_write(tmp_path / "out.json") as temp_name:
+            Path(temp_name).write_text("{}")
     finally:
         os.umask(umask)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644

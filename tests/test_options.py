@@ -1,4 +1,4 @@
-"""Every training option is defined once, in TrainConfig: the CLI, the checks and the README follow from it."""
+"""Every training option is defined once, in TrainConfig: the CLI, the checks and docs/options.md follow from it."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +19,7 @@ def flag(option: dataclasses.Field) -> str:
 
 
 def options_table() -> str:
-    """The README's table of training options, made from TrainConfig."""
+    """docs/options.md's table of training options, made from TrainConfig."""
     rows = ["| option | default | what |", "|---|---|---|"]
     for option in dataclasses.fields(TrainConfig):
         default = README_DEFAULTS.get(option.name, f"`{option.default}`")
@@ -27,9 +27,9 @@ def options_table() -> str:
     return "\n".join(rows)
 
 
-def test_readme_lists_every_option_as_defined():
-    assert options_table() in (ROOT / "README.md").read_text(), (
-        "README's option table differs from TrainConfig; paste this in its place:\n" + options_table())
+def test_the_docs_list_every_option_as_defined():
+    assert options_table() in (ROOT / "docs" / "options.md").read_text(), (
+        "docs/options.md's option table differs from TrainConfig; paste this in its place:\n" + options_table())
 
 
 def test_the_cli_has_one_flag_per_option_with_its_default(tmp_path):
@@ -43,7 +43,9 @@ def test_the_cli_has_one_flag_per_option_with_its_default(tmp_path):
 
 
 @pytest.mark.parametrize("name, value", [("epochs", 0), ("lr", -1.0), ("img_size", 8), ("val_size", 1.5),
-                                         ("workers", -1), ("backbone", "nope"), ("schedule", "linear")])
+                                         ("workers", -1), ("backbone", "nope"), ("schedule", "linear"),
+                                         ("lr", float("inf")), ("lr", float("nan")), ("lr", 1e300),
+                                         ("seed", 2**64), ("folds", 1), ("class_weights", "heavy")])
 def test_each_check_names_its_flag(name, value):
     with pytest.raises(UserError, match="--" + name.replace("_", "-")):
         TrainConfig(**{name: value}).check()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import engine
-from MLPipeline import Report, TrainConfig, load_model, predict, train
+from MLPipeline import Report, SyntheticData, TrainConfig, load_model, predict, train
 from MLPipeline.Predict import evaluate
 from tests.conftest import FAST, ROOT, make_image_folder, run_engine
 
@@ -63,9 +63,9 @@ def test_plain_engine_run_generates_demo_data_when_data_is_empty(tmp_path, monke
     data_dir = tmp_path / "Data"
     data_dir.mkdir()
     (data_dir / "README.md").write_text("only a readme")
-    real_generator = engine.make_demo_data
+    real_generator = SyntheticData.make_demo_data
     monkeypatch.setattr(engine, "DEFAULT_DATA_DIR", data_dir)
-    monkeypatch.setattr(engine, "make_demo_data", lambda out: real_generator(out, per_class=5))
+    monkeypatch.setattr(SyntheticData, "make_demo_data", lambda out: real_generator(out, per_class=5))
     assert engine.main(["--output-dir", str(tmp_path / "out"), *FAST]) == 0
     assert sorted(p.name for p in data_dir.iterdir() if p.is_dir()) == ["driving_license", "others",
                                                                        "social_security"]

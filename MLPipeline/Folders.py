@@ -1,0 +1,205 @@
+"""Walking real-world folders: which files are images, links and loops, sidecars, and copies across splits.
+
+The recipe calls `index_folder` (one row per file of each class folder) and `find_presplit`; the rest is
+what makes them safe on a phone's export, a shared drive or a folder of links.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from MLPipeline.Common import UserError, log
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
+                    ".jp2"}
+# What phones, cameras and file managers leave beside photos: passed over like hidden files, counted in one line.
+SIDECAR_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
+SIDECAR_EXTENSIONS = {".aae", ".ini", ".json", ".md", ".thm", ".txt", ".xmp"}
+# Any other file in a class folder is skipped and named with a reason; for these the reason says what to do.
+NOT_IMAGE_REASONS = {".pdf": "PDF: export the pages as images",
+                     ".mov": "video (a Live Photo's motion?): export a frame as an image",
+                     ".mp4": "video: export a frame as an image",
+                     ".dng": "camera RAW: export it as JPEG"}
+# Pre-split layouts, first match wins; folder names are matched case-insensitively.
+PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
+
+
+class UnreadableFolder(UserError):
+    """A folder the system will not list: the end of the run for the data folder, a warning below it."""
+
+
+def is_passed_over(name: str) -> bool:
+    """Hidden files and folders, and sidecar files: never images, and too common to name one by one."""
+    return name.startswith(".") or name.lower() in SIDECAR_NAMES or Path(name.lower()).suffix in SIDECAR_EXTENSIONS
+
+
+def not_image_reason(path: Path) -> str:
+    """Why a file is not one we decode, judged by its extension; "" for the supported image types."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return ""
+    return NOT_IMAGE_REASONS.get(suffix, f"unsupported file type {suffix or '(no extension)'}")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and not is_passed_over(path.name) and not not_image_reason(path)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    if not Path(data_dir).exists():
+        raise UserError(f"data folder {data_dir} does not exist")
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data folder {data_dir} is not a folder")
+
+
+def folder_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries, sorted by name (so files come out in path order)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise UnreadableFolder(f"cannot read folder {folder}: {error.strerror or error}") from None
+
+
+def folder_key(folder: Path) -> tuple[int, int]:
+    """The same for every path (link or not) that leads to one folder."""
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino
+
+
+def find_files(folder: Path, seen: dict[tuple[int, int], Path]) -> tuple[list[Path], int]:
+    """Every file under `folder` in path order, symlinked folders followed; and how many entries were passed over.
+
+    An unreadable folder is named and passed over. A folder in `seen` (met before: a symlink loop, or a second
+    link to it) is named once and not followed again, so a loop cannot list files forever.
+    """
+    key = folder_key(folder)
+    if key in seen:
+        log.warning("warning: folder %s leads back to %s (a symlink loop or a second link); not followed again",
+                    folder, seen[key])
+        return [], 0
+    seen[key] = folder
+    try:
+        entries = folder_entries(folder)
+    except UnreadableFolder as error:
+        log.warning("warning: %s; passed over", error)
+        return [], 0
+    files, passed_over = [], 0
+    for entry in entries:
+        path = folder / entry.name
+        if is_passed_over(entry.name):
+            passed_over += 1
+        elif entry.is_dir():  # follows symlinks
+            found, passed = find_files(path, seen)
+            files, passed_over = files + found, passed_over + passed
+        else:  # a file, or a broken link: decoding will name it
+            files.append(path)
+    return files, passed_over
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every supported image under `folder`, sorted; hidden, sidecar and other files are left out."""
+    return [path for path in find_files(Path(folder), {})[0] if not not_image_reason(path)]
+
+
+def index_folder(folder: Path) -> pd.DataFrame:
+    """One row (path, label, skipped) per file under folder/<class>/; `skipped` says why a file that is not a
+    supported image cannot be used ("" for images). Class folders without images are reported and left out.
+    """
+    folder = Path(folder)
+    entries = folder_entries(folder)  # the data folder itself must be readable
+    rows, passed_over = [], 0
+    for class_dir in (folder / entry.name for entry in entries if entry.is_dir() and not is_passed_over(entry.name)):
+        files, passed = find_files(class_dir, {folder_key(folder): folder})
+        passed_over += passed
+        reasons = [not_image_reason(path) for path in files]
+        if all(reasons):
+            others = f" ({len(files)} other file(s), e.g. {files[0].name}: {reasons[0]})" if files else ""
+            log.warning("warning: class folder %s holds no images%s; left out", class_dir, others)
+            continue
+        for path, reason in zip(files, reasons):
+            rows.append((str(path), class_dir.name, reason))
+            if reason:
+                log.warning("warning: skipped %s: %s", path, reason)
+    if passed_over:
+        log.info("passed over %d hidden or sidecar file(s) in the class folders of %s (system files, photo "
+                 "metadata, notes)", passed_over, folder)
+    loose = [entry for entry in entries if is_image_file(folder / entry.name)]
+    if loose:
+        log.warning("warning: %d image(s) directly in %s are not in a class folder; ignored", len(loose), folder)
+    return pd.DataFrame(rows, columns=["path", "label", "skipped"])
+
+
+def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
+    """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
+    subfolders = {entry.name.lower(): Path(data_dir) / entry.name for entry in folder_entries(Path(data_dir))
+                  if entry.is_dir() and not is_passed_over(entry.name)}
+    for train_name, test_name in PRESPLIT_PAIRS:
+        if train_name in subfolders and test_name in subfolders:
+            train_dir, test_dir = subfolders[train_name], subfolders[test_name]
+            log.info("pre-split layout: training on %s, testing on %s", train_dir.name, test_dir.name)
+            ignored = sorted(p.name for p in subfolders.values() if p not in (train_dir, test_dir))
+            if ignored:
+                log.warning("warning: folder(s) %s in %s are not part of the train/test pair; ignored",
+                            ", ".join(ignored), data_dir)
+            return train_dir, test_dir
+    return None
+
+
+def mark_duplicates(index: pd.DataFrame, dedupe: bool = False) -> pd.DataFrame:
+    """The index with a `duplicate_of` column: for a held-out (test or val) file with the same bytes as a
+    training file, that training file ("" for the others).
+
+    Each is named in a warning: a test image the model was trained on inflates its test score. With `dedupe`
+    the held-out copy is skipped and the training copy kept.
+    """
+    copies = held_out_copies(index[index.skipped == ""])
+    for copy, original in copies.items():
+        if dedupe:
+            log.warning("warning: skipped %s: duplicate of %s", copy, original)
+        else:
+            log.warning("warning: %s is an exact copy of training file %s (--dedupe keeps only the training copy)",
+                        copy, original)
+    index = index.assign(duplicate_of=[copies.get(path, "") for path in index.path])
+    if dedupe:
+        index = index.assign(skipped=index.skipped.where(index.duplicate_of == "",
+                                                         "duplicate of " + index.duplicate_of))
+    return index
+
+
+def held_out_copies(index: pd.DataFrame) -> dict[str, str]:
+    """{held-out path: training path} for files with the same bytes in train and in test or val.
+
+    Only files whose size a file of the other side shares are read and hashed: most files never are.
+    """
+    sizes = index.path.map(file_size)
+    in_train = index.split == "train"
+    shared_sizes = (set(sizes[in_train]) & set(sizes[~in_train])) - {-1}
+    candidates = index[sizes.isin(shared_sizes)].assign(digest=lambda rows: rows.path.map(file_digest))
+    candidates = candidates[candidates.digest != ""]
+    originals = candidates[candidates.split == "train"].drop_duplicates("digest").set_index("digest").path
+    copies = candidates[(candidates.split != "train") & candidates.digest.isin(originals.index)]
+    return dict(zip(copies.path, copies.digest.map(originals)))
+
+
+def file_size(path: str) -> int:
+    """The file's size in bytes; -1 when it cannot be read (decoding will say why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def file_digest(path: str) -> str:
+    """blake2b of the file's bytes, read 1 MiB at a time; "" when it cannot be read (decoding will say why)."""
+    digest = hashlib.blake2b()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
