@@ -74,7 +74,7 @@ def atomic_write(path: Path) -> Iterator[str]:
         raise OSError(error.errno, f"could not write {path} ({error.strerror or first_line(error)}); the file "
                       f"there before, if any, is unchanged") from None
     except RuntimeError as error:  # torch.save reports a failed write (a full disk) as a RuntimeError
-        if "writ" not in str(error):
+        if "PytorchStreamWriter" not in str(error) and "write failed" not in str(error):
             raise
         raise OSError(errno.EIO, f"could not write {path} ({first_line(error)}); the file there before, if "
                       f"any, is unchanged") from None

@@ -54,16 +54,17 @@ def gather(item) -> list:
     return gathered
 
 
-def sharded(run: Callable[[list], tuple[torch.Tensor, list[int], dict[str, str]]]):
+def sharded(run: Callable[[list], tuple[torch.Tensor, list[int], dict[str, str]]], batch_size: int):
     """`run(items) -> (outputs, positions of the items that worked, {item: why it failed})` split across the
-    job: each process runs its every N-th item, and every process gets everyone's results in the items' order.
-    In a single process it is `run` itself."""
+    job: each process runs every N-th batch of batch_size items, and every process gets everyone's results in
+    the items' order. Whole batches, so that each item is computed in the same batch as in one process: the
+    same outputs to the last bit (a network's rounding depends on the batch). In one process it is `run`."""
     if world()[1] == 1:
         return run
 
     def run_sharded(items: list) -> tuple[torch.Tensor, list[int], dict[str, str]]:
         rank, size = world()
-        mine = list(range(rank, len(items), size))
+        mine = [position for position in range(len(items)) if position // batch_size % size == rank]
         outputs, positions, failed = run([items[i] for i in mine])
         parts = gather((outputs.cpu(), [mine[p] for p in positions], failed))
         positions = [position for _, part_positions, _ in parts for position in part_positions]

@@ -11,6 +11,7 @@ onnxruntime is imported inside the functions that need it: importing MLPipeline 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
     if out.resolve() == model_path.resolve():
         raise UserError(f"--out {out} is the model file itself; give another name, such as model.{file_format}")
     network, checkpoint = load_checkpoint(model_path)
+    check_free_space(out, checkpoint["state_dict"])
     model = Uint8Classifier(network).eval()
     example = torch.zeros(2, checkpoint["img_size"], checkpoint["img_size"], 3, dtype=torch.uint8)
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())  # 2: 1 would fix the size
@@ -67,6 +69,19 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
     with atomic_write(out) as temp_name:
         write_verified(temp_name, file_format, program, metadata, model, checkpoint["img_size"])
     return out
+
+
+def check_free_space(out: Path, state_dict: dict) -> None:
+    """Refuse to start an export the disk cannot hold: torch.export.save aborts the whole process (SIGABRT,
+    no Python exception) when the disk fills up under it. Twice the weights' size leaves room for the graph."""
+    needed = 2 * sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
+    folder = Path(out).resolve().parent
+    while not folder.exists():  # atomic_write makes the folders the export goes in
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"{out.parent} has {free / 1e6:.0f} MB free, and the export needs about {needed / 1e6:.0f} MB: "
+                        f"free some space or choose another --out")
 
 
 def dynamic_batch() -> dict:
@@ -109,7 +124,7 @@ def verify(model: Uint8Classifier, run: Callable[[np.ndarray], torch.Tensor], im
         expected = model(torch.from_numpy(images))
         difference = (run(images) - expected).abs().max().item()
     allowed = TOLERANCE * max(1.0, expected.abs().max().item())
-    if difference > allowed:
+    if not difference <= allowed:  # a NaN difference (a model that diverged) fails too
         raise RuntimeError(f"the exported model's logits differ from PyTorch's by {difference:.3g} "
                            f"(allowed {allowed:.3g}); nothing was written")
     log.info("verified: the exported model gives PyTorch's logits (largest difference %.2g)", difference)

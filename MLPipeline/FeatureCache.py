@@ -60,9 +60,9 @@ class FeatureCache:
     one N x 16 byte tensor and the numbers one tensor: no Python object per file is pickled.
     """
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: str, width: int | None = None):
         self.path = Path(folder) / f"features-{fingerprint[:16]}.pt"
-        self.fingerprint = fingerprint
+        self.fingerprint, self.width = fingerprint, width
         self.blocks: list[torch.Tensor] = []
         self.starts: list[int] = []
         self.rows: dict[bytes, int] = {}
@@ -89,6 +89,9 @@ class FeatureCache:
             total = sum(len(block) for block in blocks)
             if keys.shape != (len(rows), KEY_BYTES) or not ((rows >= 0) & (rows < total)).all():
                 raise ValueError("keys and features do not match")
+            if any(block.ndim != 2 or block.shape[1] != (self.width or block.shape[1]) or not block.isfinite().all()
+                   for block in blocks):
+                raise ValueError(f"features are not finite rows of the backbone's width {self.width}")
             raw = keys.numpy().tobytes()
             self.blocks, self.starts = blocks, first_rows(blocks)
             self.rows = dict(zip((raw[at:at + KEY_BYTES] for at in range(0, len(raw), KEY_BYTES)), rows.tolist()))
@@ -139,11 +142,12 @@ def first_rows(blocks: list[torch.Tensor]) -> list[int]:
 Features = Callable[[list[str]], tuple[torch.Tensor, list[int], dict[str, str]]]
 
 
-def cached(compute: Features, cache_dir: Path, fingerprint: str) -> Features:
+def cached(compute: Features, cache_dir: Path, fingerprint: str, width: int) -> Features:
     """`compute(paths) -> (features of the files that decode, their positions in paths, {path: why not})`,
     answered from the cache where it can: the files it holds are not read at all, the others are computed
-    in one call and remembered. `.save()` on the function returned writes the cache, if anything was added."""
-    cache = FeatureCache(cache_dir, fingerprint)
+    in one call and remembered. `.save()` on the function returned writes the cache, if anything was added.
+    width: the backbone's, which every stored row must have (a damaged file is computed again)."""
+    cache = FeatureCache(cache_dir, fingerprint, width)
 
     def cached_compute(paths: list[str]) -> tuple[torch.Tensor, list[int], dict[str, str]]:
         keys = [file_key(path) for path in paths]

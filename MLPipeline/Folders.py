@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -186,11 +187,13 @@ def held_out_copies(index: pd.DataFrame) -> dict[str, str]:
 
 
 def file_size(path: str) -> int:
-    """The file's size in bytes; -1 when it cannot be read (decoding will say why)."""
+    """The file's size in bytes; -1 when it cannot be read or is no regular file (decoding will say why): a
+    link to /dev/zero must never be hashed, it has no end."""
     try:
-        return os.stat(path).st_size
+        status = os.stat(path)
     except OSError:
         return -1
+    return status.st_size if stat.S_ISREG(status.st_mode) else -1
 
 
 def file_digest(path: str) -> str:

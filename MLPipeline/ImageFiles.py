@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -37,6 +39,8 @@ def read_image(path: str | Path, min_size: int | None = None, max_pixels: int | 
     Raises BadImageError, naming the reason, for files that are not usable images.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever, a device never end
+            raise BadImageError("not a regular file (a FIFO, a device or a socket)")
         data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, works with non-ASCII names everywhere
     except OSError as error:
         raise BadImageError(f"cannot be read ({error.strerror or error})") from None

@@ -95,7 +95,9 @@ def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | Non
     errors = [""] * len(items)
     files = [position for position, item in enumerate(items) if not isinstance(item, np.ndarray)]
     paths = [str(items[position]) for position in files]
-    logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers))(paths)
+    batch_size = batch_size or inference_batch_size(model.device, model.img_size)
+    logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers),
+                                        batch_size)(paths)
     if positions:
         probabilities[[files[position] for position in positions]] = probabilities_of(model, logits)
     for position, path in zip(files, paths):
@@ -166,8 +168,9 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
             raise UserError(f"none of the classes in {data_dir} is one the model knows ({', '.join(model.classes)})")
     skipped = skip_reasons(index)  # files that are not images: named when the folder was read
     index = usable(index).reset_index(drop=True)
-    logits, positions, failed = sharded(lambda some: file_logits(model, some, None, max_pixels, workers))(
-        index.path.tolist())
+    batch_size = inference_batch_size(model.device, model.img_size)
+    logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers),
+                                        batch_size)(index.path.tolist())
     skipped.update(failed)
     if not positions:
         raise UserError(f"no readable images in {data_dir}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -739,10 +740,14 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
     if existing and not force:
         raise UserError(f"{out_dir} already holds {len(existing)} images; "
                         f"pass --force to write into it anyway or choose another --out")
+    # Written into a hidden folder first and moved into place at the end: a run stopped half-way (Ctrl-C)
+    # leaves no partial dataset that a later run would train on; the next run starts again from scratch.
+    partial = out_dir / ".demo-data.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     jobs = []
     for class_index, class_name in enumerate(CLASS_NAMES):
-        (out_dir / class_name).mkdir(parents=True, exist_ok=True)
-        jobs += [(out_dir / class_name / f"{class_name}_{image_index:04d}.jpg", seed, class_index, image_index)
+        (partial / class_name).mkdir(parents=True, exist_ok=True)
+        jobs += [(partial / class_name / f"{class_name}_{image_index:04d}.jpg", seed, class_index, image_index)
                  for image_index in range(per_class)]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
@@ -756,4 +761,9 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
         context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
         with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
             pool.map(write_sample, jobs, chunksize=8)
+    for class_name in CLASS_NAMES:
+        (out_dir / class_name).mkdir(exist_ok=True)
+        for written in sorted((partial / class_name).iterdir()):
+            os.replace(written, out_dir / class_name / written.name)
+    shutil.rmtree(partial)
     return {class_name: per_class for class_name in CLASS_NAMES}

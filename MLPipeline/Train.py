@@ -21,7 +21,7 @@ import MLPipeline.Report as Report
 from MLPipeline.Common import autocast, log, pick_device, progress_reporter
 from MLPipeline.CreateDataset import (CreateDataset, Split, build_index, check_enough_left, files_through,
                                       forward_batches, mark_skipped, usable)
-from MLPipeline.Calibration import balanced_class_weights, fit_temperature
+from MLPipeline.Calibration import balanced_class_weights, fit_temperature  # temperature scaling, --class-weights
 from MLPipeline.Config import TrainConfig, recorded_options
 from MLPipeline.CrossValidation import cross_validate, folds_table, json_ready, summary_line
 from MLPipeline.Distributed import data_parallel, gather, is_main_process, sharded, start_distributed, world
@@ -64,7 +64,6 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
     history, best_epoch = fit(model, backbone, splits, config, device)
     timings["train_s"] = time.perf_counter() - started - timings["data_s"]
     test_logits, _ = score(model, splits["test"], config, device)
-    # Temperature scaling: one T fitted on the validation split makes softmax(logits / T) calibrated
     temperature = fit_temperature(*score(model, splits["val"], config, device)) if "val" in splits else 1.0
     timings["total_s"] = time.perf_counter() - started
 
@@ -111,8 +110,9 @@ def read_splits(model: Classifier, backbone, index: pd.DataFrame, classes: list[
 
     if on_features:
         cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
-        run_backbone = cached(run_backbone, cache_dir, backbone_fingerprint(model, arch, config.img_size))
-    features, positions, skipped = sharded(run_backbone)(rows.path.tolist())
+        run_backbone = cached(run_backbone, cache_dir, backbone_fingerprint(model, arch, config.img_size),
+                              model.head.in_features)
+    features, positions, skipped = sharded(run_backbone, inference_batch(config, device))(rows.path.tolist())
     index = mark_skipped(index, skipped)
     check_enough_left(usable(index), classes, config.val_size > 0)
     if on_features and is_main_process():

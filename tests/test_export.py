@@ -162,8 +162,8 @@ def test_an_export_that_does_not_give_pytorchs_logits_is_not_written(trained, tm
 
 
 def test_readme_onnx_example_runs_without_this_project_and_agrees_with_predict(trained, tiny_data, tmp_path):
-    """The README's ONNX Runtime example, verbatim, in isolated mode (no access to MLPipeline)."""
-    example = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """docs/export.md's ONNX Runtime example, verbatim, in isolated mode (no access to MLPipeline)."""
+    example = re.search(r"<!-- onnx-example -->\s*```python\n(.*?)```", (ROOT / "docs" / "export.md").read_text(), re.S)
     (tmp_path / "output").mkdir()
     shutil.copy(trained[0] / "model.onnx", tmp_path / "output" / "model.onnx")
     paths = [str(path) for path in list_images(tiny_data)[::4]]

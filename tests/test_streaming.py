@@ -62,7 +62,8 @@ def streamed_features(model, paths: list[str], batch_size: int = 8):
 
 def features_through_cache(model, paths: list[str], folder) -> tuple[torch.Tensor, FeatureCache]:
     """What a training run does: features from the cache under `folder`, the rest computed, the cache saved."""
-    run = cached(lambda some: streamed_features(model, some), folder, backbone_fingerprint(model, "resnet18", IMG_SIZE))
+    run = cached(lambda some: streamed_features(model, some), folder, backbone_fingerprint(model, "resnet18", IMG_SIZE),
+                 model.head.in_features)
     features = run(paths)[0]
     run.save()
     return features, run.cache
@@ -152,7 +153,7 @@ def test_other_weights_do_not_share_a_cache(model):
     assert backbone_fingerprint(model, "resnet18", IMG_SIZE) != backbone_fingerprint(model, "resnet18", 64)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "wrong-width"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(model, data, tmp_path, caplog, decode_count, damage):
     paths = paths_of(data)
     expected, cache = features_through_cache(model, paths, tmp_path / "cache")
@@ -160,8 +161,11 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(model, data, tmp_path, caplog
         cache.path.write_bytes(b"not a cache")
     elif damage == "truncated":
         cache.path.write_bytes(cache.path.read_bytes()[:500])
-    else:
+    elif damage == "foreign":
         torch.save({"format": "something else"}, cache.path)
+    else:  # right format and fingerprint, features of another width: they would fail in the head, far from here
+        stored = torch.load(cache.path, weights_only=True)
+        torch.save({**stored, "blocks": [block[:, :10] for block in stored["blocks"]]}, cache.path)
     decode_count["files"] = 0
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
         features = features_through_cache(model, paths, tmp_path / "cache")[0]

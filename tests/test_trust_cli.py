@@ -76,7 +76,8 @@ def test_evaluate_reports_calibration_coverage_and_review(calibrated, cli, tmp_p
     assert coverage.threshold.tolist() == [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert coverage.kept.is_monotonic_decreasing and "expected calibration error" in result.stdout
     predictions = pd.read_csv(tmp_path / "e" / "predictions.csv")
-    assert metrics["review"]["images"] == (predictions.decision == "review").sum() == (predictions.confidence < 0.9).sum()
+    reviewed = (predictions.decision == "review").sum()
+    assert metrics["review"]["images"] == reviewed == (predictions.confidence < 0.9).sum()
 
 
 def test_folds_score_every_image_once_on_features_computed_once(tmp_path, monkeypatch):
