@@ -276,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the GPU ran out of memory: lower --img-size or --batch-size, or use --device cpu",
               file=sys.stderr)
         return 2
-    except OSError as error:  # a folder we may not read or write, a full disk
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader of our output stopped early (| head): not an error of this run
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:  # a folder we may not read or write, a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as interrupt:
         print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}: output files are replaced "
               "whole at the end of a run, never half-written; those not yet replaced are the previous run's",

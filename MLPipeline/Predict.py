@@ -198,6 +198,6 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
             Report.write_evaluation(Path(output_dir), report, predictions, misclassified)
             Report.write_csv(Path(output_dir) / "coverage.csv", coverage)
             Report.draw(Calibration.plot_reliability, bins, report["expected_calibration_error"],
-                        f"{Report.backbone_title(model.info)}, temperature {model.temperature:.3g}",
-                        Path(output_dir) / "calibration.png")
+                        Path(output_dir) / "calibration.png",
+                        f"{Report.backbone_title(model.info)}, temperature {model.temperature:.3g}")
     return report

@@ -101,7 +101,8 @@ def draw(plot, *args) -> None:
     try:
         plot(*args)
     except Exception as error:  # matplotlib raises many kinds (memory, fonts, odd names)
-        log.warning("warning: could not draw %s (%s: %s)", args[-1], type(error).__name__, first_line(error))
+        path = next((arg for arg in args if isinstance(arg, Path)), plot.__name__)
+        log.warning("warning: could not draw %s (%s: %s)", path, type(error).__name__, first_line(error))
 
 
 def plot_training(metrics: dict, output_dir: Path) -> None:

@@ -216,6 +216,14 @@ def is_number_list(values, length: int) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
 
 
+def optimizer_for(model: Classifier, lr: float, backbone_lr: float | None = None) -> torch.optim.Adam:
+    """Adam for the head at lr and, when layers of the backbone are unfrozen, for them at backbone_lr (by
+    default lr / 10: pretrained layers need only small steps)."""
+    backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
+    return torch.optim.Adam([{"params": model.head.parameters(), "lr": lr},
+                             {"params": backbone_parameters, "lr": backbone_lr or lr / 10}])
+
+
 def prepare_model(model: Classifier, device: torch.device) -> Classifier:
     """Move the model to the device, in channels_last: the layout convolutions run fastest in, on cuDNN and
     on the CPU's oneDNN alike (ResNet50 at 200 px on a 2-core CPU: 11 images/s against 9 in NCHW)."""

@@ -16,19 +16,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
 import MLPipeline.Report as Report
 from MLPipeline.Common import autocast, log, pick_device, progress_reporter
 from MLPipeline.CreateDataset import (CreateDataset, Split, build_index, check_enough_left, files_through,
                                       forward_batches, mark_skipped, usable)
-from MLPipeline.Calibration import balanced_class_weights, fit_temperature  # temperature scaling, --class-weights
 from MLPipeline.Config import TrainConfig, recorded_options
-from MLPipeline.CrossValidation import cross_validate, folds_table, json_ready, summary_line
 from MLPipeline.Distributed import data_parallel, gather, is_main_process, sharded, start_distributed, world
 from MLPipeline.FeatureCache import backbone_fingerprint, cached
 from MLPipeline.OutputFolder import output_lock
 from MLPipeline.ResNet_Model import (Classifier, build_model, check_batches, check_classes, checkpoint_dict,
-                                     inference_batch_size, prepare_model, save_checkpoint)
+                                     inference_batch_size, optimizer_for, prepare_model, save_checkpoint)
 
 
 @dataclass
@@ -64,7 +63,7 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
     history, best_epoch = fit(model, backbone, splits, config, device)
     timings["train_s"] = time.perf_counter() - started - timings["data_s"]
     test_logits, _ = score(model, splits["test"], config, device)
-    temperature = fit_temperature(*score(model, splits["val"], config, device)) if "val" in splits else 1.0
+    temperature = calibrated_temperature(model, splits, config, device)
     timings["total_s"] = time.perf_counter() - started
 
     test_labels = splits["test"].targets.argmax(1)
@@ -147,7 +146,8 @@ def fit(model: Classifier, backbone, splits: dict[str, Split], config: TrainConf
     """The training loop, a line per epoch with the train loss and each held-out split's loss and accuracy.
     With a validation split the weights of its best epoch are kept (the test split never chooses anything).
     Returns the per-epoch history and the epoch whose weights the model ends with."""
-    optimizer, scheduler = make_optimizer(model, config)
+    optimizer = optimizer_for(model, config.lr, config.backbone_lr)
+    scheduler = CosineAnnealingLR(optimizer, T_max=config.epochs) if config.schedule == "cosine" else None
     network = training_network(model, backbone, splits["train"], config, device)
     held_out = [name for name in ("val", "test") if name in splits]
     weight = class_weights(splits["train"], config, device)
@@ -178,15 +178,22 @@ def fit(model: Classifier, backbone, splits: dict[str, Split], config: TrainConf
 
 def class_weights(train: Split, config: TrainConfig, device: torch.device) -> torch.Tensor | None:
     """--class-weights balanced: n / (classes x n_c), so that every class weighs the same in the loss."""
-    if config.class_weights == "none":
-        return None
-    return balanced_class_weights(train.targets.argmax(1), train.targets.shape[1]).to(device)
+    from MLPipeline.Calibration import balanced_class_weights  # the trust machinery: loaded when asked for
+    return balanced_class_weights(train.targets.argmax(1), train.targets.shape[1]).to(device) if \
+        config.class_weights == "balanced" else None
+
+
+def calibrated_temperature(model: Classifier, splits: dict[str, Split], config: TrainConfig, device) -> float:
+    """Temperature scaling: the T for which softmax(logits / T) is calibrated on the validation split; else 1."""
+    from MLPipeline.Calibration import fit_temperature
+    return fit_temperature(*score(model, splits["val"], config, device)) if "val" in splits else 1.0
 
 
 def cross_validation(splits: dict[str, Split], presplit: bool, classes: list[str], config: TrainConfig,
                      device: torch.device) -> dict:
     """--folds K: K heads, each trained by the recipe's own loop on all folds but one, each scoring the fold it
     did not see, on the features computed once (a pre-split folder's test part is left out of the folds)."""
+    from MLPipeline.CrossValidation import cross_validate, json_ready, summary_line
     used = [split for name, split in splits.items() if not (presplit and name == "test")]
     features, targets = torch.cat([split.inputs for split in used]), torch.cat([split.targets for split in used])
 
@@ -202,16 +209,6 @@ def cross_validation(splits: dict[str, Split], presplit: bool, classes: list[str
     result = cross_validate(features, targets.argmax(1), classes, config.folds, config.seed, train_head)
     log.info("%s; the final model trains on the training split as without --folds", summary_line(result))
     return json_ready(result)
-
-
-def make_optimizer(model: Classifier, config: TrainConfig):
-    """Adam for the head at lr and for unfrozen backbone layers at backbone_lr; the optional cosine schedule."""
-    backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam([{"params": model.head.parameters(), "lr": config.lr},
-                                  {"params": backbone_parameters, "lr": config.backbone_lr or config.lr / 10}])
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-                 if config.schedule == "cosine" else None)
-    return optimizer, scheduler
 
 
 def training_network(model: Classifier, backbone, train: Split, config: TrainConfig, device: torch.device):
@@ -262,6 +259,7 @@ def write_outputs(output_dir: Path, index: pd.DataFrame, metrics: dict, checkpoi
     Report.write_csv(output_dir / "history.csv", pd.DataFrame(metrics["history"]))
     Report.write_json(output_dir / "metrics.json", metrics)
     if metrics["cross_validation"]:
+        from MLPipeline.CrossValidation import folds_table
         Report.write_csv(output_dir / "folds.csv", folds_table(metrics["cross_validation"]))
     Report.plot_training(metrics, output_dir)
     save_checkpoint(output_dir / "model.pt", checkpoint)
@@ -281,7 +279,7 @@ def TrainRestNet(model: Classifier, trainloader, testloader, epochs: int = 10, l
     classes = check_classes(classes if classes is not None else CreateDataset.last_classes, model.head.out_features)
     target = pick_device(device)
     model = prepare_model(model, target)
-    optimizer, _ = make_optimizer(model, config)
+    optimizer = optimizer_for(model, lr)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()

@@ -3,12 +3,13 @@
     python benchmarks/original_baseline.py --data PATH      # PATH holds Training_data/ and Testing_Data/
     python benchmarks/original_baseline.py --weights resnet50-11ad3fa6.pth   # ResNet50, as the original
     python benchmarks/original_baseline.py --backbones      # also this project's recipe on Lite0, Lite1, Lite2
+    python benchmarks/original_baseline.py --loop-epochs 1  # the original's loop for 1 epoch: on a slow CPU
 
 The data is the original project's public Training_data/ + Testing_Data/ (3 classes, 200 + 50 images
 each); the default is ../shared/data/original-project next to the project, where there is one.
 
 The original's published training code (reproduced here, not copied) trains only fc, as this project
-does, but differs in three ways, added here one at a time (cumulatively, then singly):
+does, but differs in three ways, added here one at a time, cumulatively:
   1. model.train() every epoch: the frozen backbone's BatchNorm layers normalise with each batch of 8's
      statistics and update their running statistics from them throughout training;
   2. the test score without model.eval(): each shuffled test batch of 8 normalised by its own statistics;
@@ -20,8 +21,13 @@ cv2.resize's default; that difference is not measured here).
 Row 1 is MLPipeline.train() as a user runs it (frozen backbone in eval mode, features computed once, the
 head trained on them; its wall time includes its own decoding). The other rows share one decode, timed
 in the header, and run the original's loop written out below; with the BatchNorm layers in eval mode it
-computes each image's features once, as the frozen backbone gives the same ones every epoch.
-Each row's accuracy is on the 150 test images as given, and on those that are not byte-identical copies
+computes each image's features once, as the frozen backbone gives the same ones every epoch. Rows that
+differ only in how they score share one training (their wall time counts it once each, and says whose).
+The last row scores the original's training in eval mode: its model.eval() added, nothing else changed.
+With BatchNorm in training mode the backbone runs on every batch of every epoch, and in that mode it is
+slower than in eval mode too, so --loop-epochs trains rows 2 on for fewer epochs where the original's 10
+would take hours on a small CPU; every row of the loop then has that number,
+and row 1 keeps the recipe's 10. Each row's accuracy is on the 150 test images as given, and on those that are not byte-identical copies
 of a training image. ResNet50 needs its torchvision ImageNet weights (--weights, or torchvision's cache);
 without them every row uses the pip-installed EfficientNet-Lite0, as `--weights auto` does.
 """
@@ -41,15 +47,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from MLPipeline import TrainConfig, build_index, train  # noqa: E402
-from MLPipeline.CreateDataset import (load_images, mark_duplicates, mark_skipped, one_hot,  # noqa: E402
-                                      to_model_input, usable)
-from MLPipeline.ResNet_Model import Classifier, build_model, forward_in_batches, prepare_model  # noqa: E402
+from MLPipeline.CreateDataset import (forward_batches, load_images, mark_skipped, to_model_input,  # noqa: E402
+                                      usable)
+from MLPipeline.ResNet_Model import Classifier, build_model, inference_batch_size, prepare_model  # noqa: E402
 from MLPipeline.Weights import PIP_BACKBONES, resolve_weights  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "original-project"
@@ -73,8 +81,9 @@ class Variant:
 
 
 def load_data(data: Path) -> tuple[list[str], dict[str, Images], float]:
-    """(classes, {'train', 'test'}: Images, seconds spent decoding) through the project's own index and decoder."""
-    index = mark_duplicates(build_index(data))
+    """(classes, {'train', 'test'}: Images, seconds spent decoding) through the project's own index and decoder.
+    build_index marks each test file that is a byte-identical copy of a training file (its duplicate_of)."""
+    index = build_index(data)
     start = time.perf_counter()
     images, skipped = load_images(index.path.tolist(), IMG_SIZE)
     seconds = time.perf_counter() - start
@@ -107,21 +116,29 @@ def as_variant(images: np.ndarray, model: Classifier, variant: Variant) -> np.nd
     return np.ascontiguousarray(images[..., ::-1])
 
 
+def forward_images(network: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray) -> torch.Tensor:
+    """`network`'s outputs for decoded uint8 images, in inference mode, in the project's CPU batch size."""
+    inputs = to_model_input(torch.from_numpy(images))
+    loader = DataLoader(TensorDataset(inputs, torch.zeros(len(inputs))), inference_batch_size(CPU, IMG_SIZE))
+    # total 0: no progress lines, which count files read and would divide by zero on tensor batches
+    return forward_batches(network, loader, CPU, 0)[0]
+
+
 def batches(count: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled positions in batches of BATCH_SIZE, as a DataLoader with shuffle=True gives them."""
     return list(torch.randperm(count, generator=generator).split(BATCH_SIZE))
 
 
 def train_original_loop(model: Classifier, images: np.ndarray, labels: torch.Tensor, variant: Variant,
-                        generator: torch.Generator) -> None:
-    """EPOCHS of Adam on the head, cross-entropy on one-hot targets, in shuffled batches of BATCH_SIZE."""
+                        generator: torch.Generator, epochs: int = EPOCHS) -> None:
+    """`epochs` of Adam on the head, cross-entropy on one-hot targets, in shuffled batches of BATCH_SIZE."""
     optimizer = torch.optim.Adam(model.head.parameters(), lr=LR)
-    targets = one_hot(labels, model.head.out_features)
+    targets = F.one_hot(labels, model.head.out_features).float()  # one-hot float targets, as the original
     model.train()  # a frozen Classifier's backbone, BatchNorm included, in eval mode
     # BatchNorm in eval mode: the features are the same every epoch, so computed once.
-    features = None if variant.bn_updates else forward_in_batches(model.features, images, CPU).clone()
+    features = None if variant.bn_updates else forward_images(model.features, images)
     pixels = torch.from_numpy(images)
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         if variant.bn_updates:
             batchnorm_in_train_mode(model)
         else:
@@ -132,7 +149,7 @@ def train_original_loop(model: Classifier, images: np.ndarray, labels: torch.Ten
                 outputs = model(inputs)  # the backbone's weights take no gradient, so it builds no graph
             else:
                 outputs = model.head(features[batch])
-            loss = nn.functional.cross_entropy(outputs, targets[batch])
+            loss = F.cross_entropy(outputs, targets[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -143,7 +160,7 @@ def predictions(model: Classifier, images: np.ndarray, in_train_mode: bool, gene
     """Each test image's predicted class: in eval mode, or as the original scored, in training mode on
     shuffled batches of BATCH_SIZE (each normalised by its own statistics)."""
     if not in_train_mode:
-        return forward_in_batches(model.eval(), images, CPU).argmax(1)
+        return forward_images(model.eval(), images).argmax(1)
     batchnorm_in_train_mode(model)
     predicted, pixels = torch.empty(len(images), dtype=torch.long), torch.from_numpy(images)
     with torch.no_grad():
@@ -196,16 +213,14 @@ LOOP_ROWS = (
     ("+ BN statistics updated while training", Variant(bn_updates=True), False),
     ("+ scoring in training mode", Variant(bn_updates=True), True),
     ("+ BGR without normalisation (= the original)", Variant(bn_updates=True, bgr_unnormalised=True), True),
-    ("only: scoring in training mode", Variant(), True),
-    ("only: BGR without normalisation", Variant(bgr_unnormalised=True), False),
     ("the original, scored in eval mode (its model.eval() added)", Variant(bn_updates=True, bgr_unnormalised=True),
      False),
 )
 
 
 def loop_rows(classes: list[str], splits: dict[str, Images], backbone: tuple[str, str],
-              print_row: Callable[[str, str, str, str], None]) -> None:
-    """The original's loop, its differences added one at a time, then singly; each training done once."""
+              print_row: Callable[[str, str, str, str], None], epochs: int = EPOCHS) -> None:
+    """The original's loop, its differences added one at a time; each training done once."""
     trained = {}  # Variant -> (model, its test images, training seconds, first row number)
     train_set, test_set = splits["train"], splits["test"]
     for number, (row, variant, score_in_train_mode) in enumerate(LOOP_ROWS, start=2):
@@ -214,7 +229,7 @@ def loop_rows(classes: list[str], splits: dict[str, Images], backbone: tuple[str
             model, provenance = fresh_model(classes, backbone)
             train_images = as_variant(train_set.images, model, variant)
             train_original_loop(model, train_images, train_set.labels, variant,
-                                torch.Generator().manual_seed(SEED))  # the same batches in every row
+                                torch.Generator().manual_seed(SEED), epochs)  # the same batches in every row
             trained[variant] = (model, as_variant(test_set.images, model, variant), time.perf_counter() - start,
                                 number)
         model, test_images, training_seconds, first_row = trained[variant]
@@ -224,6 +239,7 @@ def loop_rows(classes: list[str], splits: dict[str, Images], backbone: tuple[str
                                 torch.Generator().manual_seed(SEED))
         seconds = training_seconds + time.perf_counter() - start
         shared = f" (the training of row {first_row})" if first_row != number else ""
+        row += "" if epochs == EPOCHS else f", {epochs} epoch{'s' if epochs > 1 else ''}"
         print_row(row, accuracies((predicted == test_set.labels).numpy(), test_set.is_copy), f"{seconds:.0f} s{shared}",
                   describe(provenance))
 
@@ -236,6 +252,8 @@ def main() -> None:
                         "resnet50-11ad3fa6.pth); default: torchvision's cache, else EfficientNet-Lite0 from pip")
     parser.add_argument("--backbones", action="store_true", help="also a table of this project's recipe with "
                         f"each pip backbone ({', '.join(PIP_BACKBONES)})")
+    parser.add_argument("--loop-epochs", type=int, default=EPOCHS, help="epochs of the original's loop, rows 2 "
+                        "on (default: the original's %(default)s)")
     args = parser.parse_args()
     started = time.perf_counter()
     if not (args.data / "Training_data").is_dir() or not (args.data / "Testing_Data").is_dir():
@@ -256,8 +274,9 @@ def main() -> None:
     instead = "" if backbone[0] == "resnet50" else (" (ResNet50's ImageNet weights are not here: pass --weights "
                                                     "or put them in torchvision's cache)")
     print(f"Backbone: {describe(provenance)}{instead}. Torch {torch.__version__}, {torch.get_num_threads()} CPU "
-          f"threads (load average {os.getloadavg()[0]:.1f}), seed {SEED}, {EPOCHS} epochs, batches of {BATCH_SIZE}, "
-          f"Adam {LR:g} on the head.\n")
+          f"threads (load average {os.getloadavg()[0]:.1f}), seed {SEED}, batches of {BATCH_SIZE}, Adam {LR:g} on the "
+          f"head; row 1 {EPOCHS} epochs, the original's loop (rows 2 on) {args.loop_epochs}"
+          f"{'' if args.loop_epochs == EPOCHS else f' (--loop-epochs; the original trained {EPOCHS})'}.\n")
     columns = f"test accuracy ({len(splits['test'].images)}) | deduplicated (count) | wall time | backbone, weights |"
     print(f"| row | {columns}\n|---|---|---|---|---|")
 
@@ -268,7 +287,7 @@ def main() -> None:
         accuracy, seconds, used = project_recipe_row(args.data, *backbone, Path(scratch))
         print_row("this project's recipe: MLPipeline.train() (BN in eval mode, features once)", accuracy,
                   f"{seconds:.0f} s", used)
-        loop_rows(classes, splits, backbone, print_row)
+        loop_rows(classes, splits, backbone, print_row, args.loop_epochs)
         if args.backbones:
             print("\nThis project's recipe (MLPipeline.train(), defaults) with each pip backbone, "
                   "--weights imagenet:\n")
