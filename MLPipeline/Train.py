@@ -85,8 +85,7 @@ def run_training(config: TrainConfig, device: torch.device) -> TrainingRun:
 
 
 def frozen_backbone(model: Classifier, config: TrainConfig, device: torch.device, images: int):
-    """What computes the frozen backbone's features: model.features, or with --backbone-runtime auto or
-    onnxruntime, what may run it in ONNX Runtime instead (MLPipeline/OnnxBackbone.py)."""
+    """model.features, or (--backbone-runtime auto, onnxruntime) what may run it in ONNX Runtime instead."""
     if config.backbone_runtime == "pytorch":
         return model.features
     from MLPipeline.OnnxBackbone import FrozenBackbone  # ONNX machinery only for the runs that ask for it
@@ -178,15 +177,18 @@ def fit(model: Classifier, backbone, splits: dict[str, Split], config: TrainConf
 
 def class_weights(train: Split, config: TrainConfig, device: torch.device) -> torch.Tensor | None:
     """--class-weights balanced: n / (classes x n_c), so that every class weighs the same in the loss."""
+    if config.class_weights == "none":
+        return None
     from MLPipeline.Calibration import balanced_class_weights  # the trust machinery: loaded when asked for
-    return balanced_class_weights(train.targets.argmax(1), train.targets.shape[1]).to(device) if \
-        config.class_weights == "balanced" else None
+    return balanced_class_weights(train.targets.argmax(1), train.targets.shape[1]).to(device)
 
 
 def calibrated_temperature(model: Classifier, splits: dict[str, Split], config: TrainConfig, device) -> float:
     """Temperature scaling: the T for which softmax(logits / T) is calibrated on the validation split; else 1."""
+    if "val" not in splits:
+        return 1.0
     from MLPipeline.Calibration import fit_temperature
-    return fit_temperature(*score(model, splits["val"], config, device)) if "val" in splits else 1.0
+    return fit_temperature(*score(model, splits["val"], config, device))
 
 
 def cross_validation(splits: dict[str, Split], presplit: bool, classes: list[str], config: TrainConfig,

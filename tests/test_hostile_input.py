@@ -21,7 +21,7 @@ import torch
 
 from MLPipeline import SyntheticData
 from MLPipeline.OutputFolder import LOCK_NAME
-from tests.conftest import ENGINE, FAST, ROOT, make_image_folder, run_engine
+from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
 from tests.test_bad_input import assert_user_error, fake_previous_outputs, snapshot
 
 FAST_TRAIN = [*FAST, "--backbone", "resnet18", "--workers", "0"]
@@ -30,12 +30,12 @@ FAST_TRAIN = [*FAST, "--backbone", "resnet18", "--workers", "0"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny trained model and its export, shared by the tests that only read them."""
+    from MLPipeline import TrainConfig, export_model, train
     folder = tmp_path_factory.mktemp("hostile")
     data = make_image_folder(folder / "data")
-    result = run_engine("--data-dir", data, "--output-dir", folder / "out", *FAST_TRAIN)
-    assert result.returncode == 0, result.stderr
-    exported = run_engine("export", "--model", folder / "out" / "model.pt")
-    assert exported.returncode == 0, exported.stderr
+    train(TrainConfig(data_dir=data, output_dir=folder / "out", img_size=32, weights="none", epochs=1,
+                      backbone="resnet18", workers=0))
+    export_model(folder / "out" / "model.pt", "onnx")
     return data, folder / "out"
 
 
@@ -49,7 +49,7 @@ def copy_of(data, target):
 def test_a_fifo_in_a_class_folder_is_skipped_by_train_predict_and_evaluate(trained, tmp_path, cli):
     data = copy_of(trained[0], tmp_path / "data")
     os.mkfifo(data / "alpha" / "x.jpg")
-    result = run_engine("--data-dir", data, "--output-dir", tmp_path / "out", *FAST_TRAIN, timeout=180)
+    result = cli("--data-dir", data, "--output-dir", tmp_path / "out", *FAST_TRAIN)  # a hang would stop here
     assert result.returncode == 0, result.stderr
     assert "x.jpg: not a regular file" in result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -60,7 +60,7 @@ def test_a_fifo_in_a_class_folder_is_skipped_by_train_predict_and_evaluate(train
     assert evaluated.returncode == 0, evaluated.stderr
 
 
-def test_links_to_endless_devices_are_never_read_nor_hashed(trained, tmp_path):
+def test_links_to_endless_devices_are_never_read_nor_hashed(trained, tmp_path, cli):
     data = tmp_path / "data"
     copy_of(trained[0], data / "train")
     copy_of(trained[0], data / "test")
@@ -68,7 +68,7 @@ def test_links_to_endless_devices_are_never_read_nor_hashed(trained, tmp_path):
     (data / "test" / "alpha" / "random.jpg").symlink_to("/dev/urandom")
     (data / "test" / "beta" / "empty.jpg").write_bytes(b"")
     started = time.monotonic()
-    result = run_engine("--data-dir", data, "--output-dir", tmp_path / "out", *FAST_TRAIN, timeout=180)
+    result = cli("--data-dir", data, "--output-dir", tmp_path / "out", *FAST_TRAIN)
     assert result.returncode == 0, result.stderr
     assert "zero.jpg: not a regular file" in result.stderr and "random.jpg: not a regular file" in result.stderr
     assert time.monotonic() - started < 120
