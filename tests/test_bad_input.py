@@ -318,8 +318,21 @@ def test_exif_orientation_is_applied(tmp_path):
     from MLPipeline.CreateDataset import read_image
     path = tmp_path / "rotated.jpg"
     path.write_bytes(exif_rotated_jpeg())
-    assert sample_rgb().shape == (40, 48, 3)
-    assert read_image(path).shape == (48, 40, 3)
+    stored = sample_rgb()
+    assert stored.shape == (40, 48, 3) and (stored[5:25, 8:30] == (230, 180, 40)).all()  # the marker block
+    image = read_image(path).astype(int)
+    assert image.shape == (48, 40, 3)
+    # Orientation 6: displayed = stored turned 90 degrees clockwise, so the marker at stored rows 5-24, columns
+    # 8-29 shows at rows 8-29, columns 15-34 (turned the other way, or mirrored, it lands elsewhere).
+    marker = image[10:28, 17:33].reshape(-1, 3)  # inside it, away from JPEG's blurred edges
+    assert (np.abs(marker - (230, 180, 40)) < 40).all(), marker.mean(0)
+    for corner in (image[:6, :6], image[:6, -6:], image[-6:, :6], image[-6:, -6:]):  # noise below 120
+        assert corner[..., 0].mean() < 120
+    clockwise = np.abs(image - np.rot90(stored, -1)).mean()
+    wrong = {"counter-clockwise": np.rot90(stored, 1), "transposed": stored.transpose(1, 0, 2),
+             "anti-transposed": np.rot90(stored, 2).transpose(1, 0, 2)}
+    for name, other in wrong.items():  # JPEG noise is ~20 off the right one, >45 off the wrong ones
+        assert clockwise < 0.6 * np.abs(image - other).mean(), name
 
 
 # --- user mistakes: exit 2, one line, no traceback, previous outputs untouched ----------------------------
