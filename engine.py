@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from MLPipeline.Train import TrainConfig, train
-from MLPipeline.Common import UserError, setup_logging  # noqa: I001 (after Train: the recipe's imports come first)
+from MLPipeline.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging  # noqa: I001 (after Train: the recipe's imports come first)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -27,8 +27,6 @@ DEFAULT_MODEL = DEFAULT_OUTPUT_DIR / "model.pt"
 EXPORT_FORMATS = ("onnx", "pt2")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -259,14 +257,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stop(signal_number: int, frame) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    previous = signal.signal(signal.SIGTERM, stop)
+    STOP_REQUESTED.clear()
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.command(args)
     except UserError as error:
@@ -288,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import errno
 import io
 import logging
 import os
+import signal
 import stat
 import sys
 import tempfile
@@ -25,6 +26,22 @@ PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 
 class UserError(Exception):
     """A mistake the user can fix: the CLI prints the message and exits with status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
+
+
+# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
+# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
+# again, so a Ctrl-C always stops the run at the next batch.
+STOP_REQUESTED: list = []
+
+
+def request_stop(signal_number: int, frame) -> None:
+    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
+    STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
+    raise STOP_REQUESTED[0]()
 
 
 def first_line(error: Exception) -> str:
@@ -115,6 +132,8 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
 
     def update(done: int) -> None:
         nonlocal last
+        if STOP_REQUESTED:
+            raise STOP_REQUESTED[0]()
         now = time.perf_counter()
         if now - last >= PROGRESS_SECONDS and done < total:
             rate = done / (now - start)
