@@ -135,7 +135,7 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
         if STOP_REQUESTED:
             raise STOP_REQUESTED[0]()
         now = time.perf_counter()
-        if now - last >= PROGRESS_SECONDS and done < total:
+        if now - last >= PROGRESS_SECONDS and 0 < done < total:
             rate = done / (now - start)
             log.info("  %s: %d/%d (%.1f images/s, %.0f s left)", label, done, total, rate, (total - done) / rate)
             last = now

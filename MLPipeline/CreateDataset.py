@@ -176,9 +176,10 @@ def forward_batches(network: Callable[[torch.Tensor], torch.Tensor], batches, de
     each named in a warning.
     """
     outputs, targets, positions, failed = [], [], [], {}
-    update = progress_reporter(label, total)
+    update, seen = progress_reporter(label, total), 0
     with torch.inference_mode(), autocast(device):
         for inputs, batch_targets, *files in batches:
+            seen += len(inputs) + (len(files[1]) if files else 0)  # decoded and failed alike
             if len(inputs):
                 inputs = inputs.to(device, non_blocking=True)
                 if inputs.ndim == 4:  # images: in the layout of prepare_model's weights, which convolutions run fastest
@@ -190,7 +191,7 @@ def forward_batches(network: Callable[[torch.Tensor], torch.Tensor], batches, de
                 failed.update(files[1])
                 for path, reason in files[1].items():
                     log.warning("warning: skipped %s: %s", path, reason)
-            update(len(positions) + len(failed))
+            update(seen)
     if not outputs:
         return torch.zeros(0, 0), torch.zeros(0, 0), positions, failed
     return torch.cat(outputs), torch.cat(targets), positions, failed

@@ -218,3 +218,15 @@ def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tm
             [row[key] for row in in_workers.metrics["history"]], rel=1e-5)
     for name, tensor in in_main.model.state_dict().items():
         torch.testing.assert_close(in_workers.model.state_dict()[name], tensor)
+
+
+def test_progress_of_batches_without_files_counts_their_rows(monkeypatch, caplog):
+    """Scoring features (TensorDataset batches, no file positions) reports progress instead of dividing by 0."""
+    from MLPipeline import Common
+    monkeypatch.setattr(Common, "PROGRESS_SECONDS", 0.0)
+    features = torch.randn(40, 5)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, torch.zeros(40, 0)), 8)
+    with caplog.at_level(logging.INFO, logger="MLPipeline"):
+        outputs = forward_batches(lambda rows: rows * 2, batches, CPU, len(features), "scoring")[0]
+    torch.testing.assert_close(outputs, features * 2)
+    assert "scoring: 8/40" in caplog.text
