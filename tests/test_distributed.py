@@ -55,9 +55,9 @@ def test_only_rank_0_logs_progress(one_and_two):
     assert double.stdout.count("test accuracy") == 4  # 3 epochs and the final line, once
 
 
-def test_predict_on_two_processes_writes_the_same_csv_as_on_one(one_and_two, tiny_data, tmp_path):
+def test_predict_on_two_processes_writes_the_same_csv_as_on_one(one_and_two, tiny_data, tmp_path, cli):
     model = one_and_two[0] / "model.pt"
-    single = run([sys.executable, str(ENGINE), "predict", tiny_data, "--model", model, "--csv", tmp_path / "1.csv"])
+    single = cli("predict", tiny_data, "--model", model, "--csv", tmp_path / "1.csv")  # one process: this one
     double = run(torchrun("predict", tiny_data, "--model", model, "--csv", tmp_path / "2.csv"))
     assert single.returncode == 0 and double.returncode == 0, double.stderr
     assert (tmp_path / "2.csv").read_bytes() == (tmp_path / "1.csv").read_bytes()
@@ -102,13 +102,13 @@ def test_a_process_that_dies_ends_the_job_and_leaves_the_previous_outputs(tiny_d
     assert {path.name for path in output.iterdir()} <= {"model.pt", "cache", ".run.lock"}  # a stale lock is taken over
 
 
-def test_ddp_of_unfrozen_layers_on_two_processes_trains_the_weights_of_one(tmp_path):
+def test_ddp_of_unfrozen_layers_on_two_processes_trains_the_weights_of_one(tmp_path, cli):
     """2 Gloo processes at --batch-size 4 see, step by step, the 8 images 1 process sees at --batch-size 8
     (DistributedSampler deals each step's images out), and DDP averages their gradients: the same weights."""
     data = make_image_folder(tmp_path / "data", per_class=10)  # 8 training images a class: 24, 3 steps of 8
     settings = ["--data-dir", data, "--img-size", "32", "--weights", "none", "--backbone", "resnet18",
                 "--epochs", "2", "--unfreeze", "last", "--workers", "0"]
-    single = run([sys.executable, str(ENGINE), *settings, "--output-dir", tmp_path / "one", "--batch-size", "8"])
+    single = cli(*settings, "--output-dir", tmp_path / "one", "--batch-size", "8")  # one process: this one
     assert single.returncode == 0, single.stderr
     double = run(torchrun(*settings, "--output-dir", tmp_path / "two", "--batch-size", "4"))
     assert double.returncode == 0, double.stderr
@@ -120,9 +120,9 @@ def test_ddp_of_unfrozen_layers_on_two_processes_trains_the_weights_of_one(tmp_p
         torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-5)
 
 
-def test_evaluate_on_two_processes_writes_what_one_writes(one_and_two, tiny_data, tmp_path):
+def test_evaluate_on_two_processes_writes_what_one_writes(one_and_two, tiny_data, tmp_path, cli):
     model = one_and_two[0] / "model.pt"
-    single = run([sys.executable, str(ENGINE), "evaluate", tiny_data, "--model", model, "--output-dir", tmp_path / "1"])
+    single = cli("evaluate", tiny_data, "--model", model, "--output-dir", tmp_path / "1")  # one process: this one
     double = run(torchrun("evaluate", tiny_data, "--model", model, "--output-dir", tmp_path / "2"))
     assert single.returncode == 0 and double.returncode == 0, double.stderr
     for name in ("predictions.csv", "per_class.csv", "confusion_matrix.csv"):
