@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 
 from MLPipeline.Train import TrainConfig, train
-from MLPipeline.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging  # noqa: I001 (after Train: the recipe's imports come first)
+from MLPipeline.Config import OPTIONS, add_arguments, check_option  # noqa: I001 (after Train: the recipe first)
+from MLPipeline.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -29,17 +29,17 @@ EXPORT_FORMATS = ("onnx", "pt2")
 
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training run's settings from the command line, checked as they are made; on a fresh clone's empty
+    Data/ the demo dataset is written first."""
     data_dir = args.data_dir or DEFAULT_DATA_DIR
-    config = TrainConfig(**{**{name: getattr(args, name) for name in TRAIN_OPTIONS}, "data_dir": data_dir})
-    config.check()  # flag errors before any demo data is written; train() checks again for API callers
+    config = TrainConfig(**{**{name: getattr(args, name) for name in OPTIONS}, "data_dir": data_dir})
     if args.data_dir is None and holds_nothing_but_readme(data_dir):
         from MLPipeline.SyntheticData import make_demo_data  # only a fresh clone's first run needs it
         logging.info("%s holds no images: generating the demo dataset there first "
                      "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
         make_demo_data(data_dir)
-    train(config)
-    return 0
+    return config
 
 
 def holds_nothing_but_readme(folder: Path) -> bool:
@@ -52,12 +52,11 @@ def run_predict(args: argparse.Namespace) -> int:
     import MLPipeline.Report as Report
     from MLPipeline.Distributed import is_main_process
     from MLPipeline.Explain import explain_paths, torch_network
-    from MLPipeline.Config import check_option
     from MLPipeline.Predict import load_model, predict
     if args.csv:
         check_csv_path(args.csv, [args.model, *args.paths])
-    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
-    check_option(CONFIG_OPTIONS["workers"], args.workers)
+    check_option(OPTIONS["max_pixels"], args.max_pixels)
+    check_option(OPTIONS["workers"], args.workers)
     min_confidence = checked_min_confidence(args.min_confidence)
     model = load_model(args.model, args.device)
     if args.explain:
@@ -108,10 +107,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from MLPipeline.Calibration import coverage_lines
     from MLPipeline.Distributed import is_main_process
     from MLPipeline.Explain import torch_network
-    from MLPipeline.Config import check_option
     from MLPipeline.Predict import evaluate, load_model
-    check_option(CONFIG_OPTIONS["max_pixels"], args.max_pixels)
-    check_option(CONFIG_OPTIONS["workers"], args.workers)
+    check_option(OPTIONS["max_pixels"], args.max_pixels)
+    check_option(OPTIONS["workers"], args.workers)
     if args.explain_count < 0:
         raise UserError(f"--explain-count must be 0 or more, not {args.explain_count}")
     min_confidence = checked_min_confidence(args.min_confidence)
@@ -163,29 +161,11 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="auto (default) uses the GPU when PyTorch sees one")
 
 
-CONFIG_OPTIONS = {option.name: option for option in dataclasses.fields(TrainConfig)}
-TRAIN_OPTIONS = tuple(CONFIG_OPTIONS)
 CLI_DEFAULTS = {"data_dir": None, "output_dir": DEFAULT_OUTPUT_DIR}  # Data/ and output/ next to engine.py
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, placed in the help by its group."""
-    groups = {"": parser}
-    for option in CONFIG_OPTIONS.values():
-        if option.metadata["group"] not in groups:
-            groups[option.metadata["group"]] = parser.add_argument_group(option.metadata["group"])
-        add_option(groups[option.metadata["group"]], option)
-
-
-def add_option(parser: argparse.ArgumentParser, option: dataclasses.Field) -> None:
-    """The flag of a TrainConfig field on a parser (or a group of one): name, default, help, choices from the field."""
-    rules, default = option.metadata, CLI_DEFAULTS.get(option.name, option.default)
-    flag = "--" + option.name.replace("_", "-")
-    if isinstance(option.default, bool):  # --augment / --no-augment
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=rules["help"])
-        return
-    parser.add_argument(flag, type=rules["kind"], default=default, choices=rules["choices"] or None,
-                        help=rules["help"] + ("" if default is None else " (default: %(default)s)"))
+    add_arguments(parser, defaults=CLI_DEFAULTS)
 
 
 def add_predict_options(predictor: argparse.ArgumentParser) -> None:
@@ -198,8 +178,7 @@ def add_predict_options(predictor: argparse.ArgumentParser) -> None:
     predictor.add_argument("--explain", type=Path, metavar="DIR", help="also write a Grad-CAM heatmap picture of "
                            "each classified image to DIR (needs model.pt: an .onnx file has no gradients)")
     add_device_option(predictor)
-    add_option(predictor, CONFIG_OPTIONS["max_pixels"])
-    add_option(predictor, CONFIG_OPTIONS["workers"])
+    add_arguments(predictor, ("max_pixels", "workers"))
 
 
 def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
@@ -211,8 +190,7 @@ def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
     evaluator.add_argument("--explain-count", type=int, default=0, metavar="N", help="explained/ in the output "
                            "folder also shows the N least confident correct images (default: %(default)s)")
     add_device_option(evaluator)
-    add_option(evaluator, CONFIG_OPTIONS["max_pixels"])
-    add_option(evaluator, CONFIG_OPTIONS["workers"])
+    add_arguments(evaluator, ("max_pixels", "workers"))
 
 
 def add_export_options(exporter: argparse.ArgumentParser) -> None:
@@ -231,7 +209,7 @@ def add_demo_options(demo: argparse.ArgumentParser) -> None:
 
 
 # name: (help, what runs it, what adds its options)
-COMMANDS = {"train": ("train and save output/model.pt (the default command)", run_train, add_train_options),
+COMMANDS = {"train": ("train and save output/model.pt (the default command)", None, add_train_options),
             "predict": ("classify image files or folders with a trained model", run_predict, add_predict_options),
             "evaluate": ("score a trained model on a labelled folder", run_evaluate, add_evaluate_options),
             "export": ("write the trained model as ONNX (or torch.export .pt2) for use without this project",
@@ -263,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     STOP_REQUESTED.clear()
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if args.command_name == "train":  # the recipe, MLPipeline/Train.py: train() is called right here
+            train(train_config(args))
+            return 0
         return args.command(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

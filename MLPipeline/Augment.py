@@ -1,5 +1,6 @@
-"""Train-time augmentation for photographed documents: the recipe calls `make_augmenter` once and applies
-what it returns to each training batch, on the batch's device.
+"""Train-time augmentation for photographed documents: the recipe puts an Augmenter in front of the model; in
+training mode it transforms each training batch, on the batch's device, and in eval mode (scoring) it passes
+the images through unchanged.
 
 Crops (75-100% of the area, aspect 0.85-1.18), rotations of up to 8 degrees, perspective (half the images)
 and changes of brightness, contrast and saturation (+-30%) are what real photos of a card vary in; flips are
@@ -15,6 +16,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+class Augmenter(nn.Module):
+    """make_augmenter's transforms as the first layer of a network: applied in training mode only."""
+
+    def __init__(self, img_size: int, flips: bool = False):
+        super().__init__()
+        self.augment = make_augmenter(img_size, flips)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.augment(images) if self.training else images
 
 
 def make_augmenter(img_size: int, flips: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader
 
-from MLPipeline.Common import UserError, autocast, log, progress_reporter
+from MLPipeline.Common import UserError, log
 from MLPipeline.Folders import (IMAGE_EXTENSIONS, check_data_dir, find_presplit, index_folder, list_images,
                                 mark_duplicates)
 from MLPipeline.ImageFiles import BadImageError, read_image
@@ -40,9 +39,7 @@ def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, val_size
     presplit = find_presplit(data_dir)
     if presplit:
         train_index, test_index = (index_folder(folder) for folder in presplit)
-        unknown = sorted(set(test_index.label) - set(train_index.label))
-        if unknown:
-            raise UserError(f"{presplit[1]} has classes that {presplit[0]} lacks: {', '.join(unknown)}")
+        check_same_classes(presplit[0], sorted(set(train_index.label)), presplit[1], sorted(set(test_index.label)))
         index = pd.concat([train_index.assign(split="train"), test_index.assign(split="test")], ignore_index=True)
         check_classes(index, data_dir)
     else:
@@ -51,9 +48,18 @@ def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, val_size
         index = stratified_split(index, test_size, seed)
     if val_size:
         index = stratified_split(index, val_size, seed, to_split="val")
-    index = mark_duplicates(index, dedupe)
-    index.attrs["presplit"] = presplit is not None  # its test part is the user's: cross-validation leaves it alone
-    return index
+    return mark_duplicates(index, dedupe)
+
+
+def check_same_classes(train_dir, train_classes: list[str], test_dir, test_classes: list[str]) -> None:
+    """A test folder's classes must be training classes, by exact name: `Others` beside `others` would be a
+    class of its own, or, in the original's one-hot columns, the wrong column. UserError naming both."""
+    unknown = sorted(set(test_classes) - set(train_classes))
+    if unknown:
+        case_only = {name.lower() for name in unknown} <= {name.lower() for name in train_classes}
+        raise UserError(f"the class folders of {test_dir} ({', '.join(test_classes)}) differ from those of "
+                        f"{train_dir} ({', '.join(train_classes)}){' only in upper/lower case' if case_only else ''}"
+                        f": name them alike")
 
 
 def check_classes(index: pd.DataFrame, data_dir: Path) -> None:
@@ -125,11 +131,11 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, -3).float().div(255)
 
 
-class ImageFiles(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset):
     """Image files as model inputs, decoded when a batch asks for them (in the DataLoader's workers).
 
     Item i is (input, one-hot target, i, None), or (None, target, i, (path, why it cannot be used)): a bad
-    file is left out of its batch, named, and never stops a run.
+    file is left out of its batch by decoded_batch, named, and never stops a run.
     """
 
     def __init__(self, paths: list[str], img_size: int, targets: torch.Tensor | None = None,
@@ -149,7 +155,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def decoded_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, str]]:
-    """The DataLoader's collate_fn for ImageFiles: (inputs, targets, positions) of the files that decoded,
+    """The DataLoader's collate_fn for ImageDataset: (inputs, targets, positions) of the files that decoded,
     and {path: why} of those that did not."""
     good = [item for item in items if item[0] is not None]
     inputs = torch.stack([item[0] for item in good]) if good else torch.zeros(0, 3, 1, 1)
@@ -159,79 +165,24 @@ def decoded_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int], d
 
 def image_batches(paths: list[str], img_size: int, batch_size: int, workers: int = 0,
                   targets: torch.Tensor | None = None, max_pixels: int | None = None,
-                  sampler: torch.utils.data.Sampler | None = None, pin_memory: bool = False,
-                  ) -> DataLoader:
+                  sampler: torch.utils.data.Sampler | None = None, pin_memory: bool = False) -> DataLoader:
     """Batches of (inputs, targets, positions, {path: why not}) read from `paths` in order (or the sampler's);
-    `workers` processes decode ahead of the network, so decoding overlaps compute and memory holds a few
-    batches, never the dataset."""
-    return DataLoader(ImageFiles(paths, img_size, targets, max_pixels), batch_size,
-                      sampler=sampler, num_workers=workers, collate_fn=decoded_batch, pin_memory=pin_memory)
+    `workers` processes decode ahead of the network (ResNet_Model.forward_batches runs it), so decoding
+    overlaps compute and memory holds a few batches, never the dataset."""
+    return DataLoader(ImageDataset(paths, img_size, targets, max_pixels), batch_size,
+                      sampler=sampler or range(len(paths)), num_workers=workers, collate_fn=decoded_batch,
+                      pin_memory=pin_memory)
 
 
-def forward_batches(network: Callable[[torch.Tensor], torch.Tensor], batches, device: torch.device, total: int,
-                    label: str = "forward") -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, str]]:
-    """`network`'s outputs for every batch of (inputs, targets, ...), in inference mode: feature extraction,
-    scoring, prediction. Returns the outputs (float32, on the CPU) and targets in the batches' order and, for
-    batches of image files (CreateDataset.image_batches), the positions read and {path: why not} of the rest,
-    each named in a warning.
-    """
-    outputs, targets, positions, failed = [], [], [], {}
-    update, seen = progress_reporter(label, total), 0
-    with torch.inference_mode(), autocast(device):
-        for inputs, batch_targets, *files in batches:
-            seen += len(inputs) + (len(files[1]) if files else 0)  # decoded and failed alike
-            if len(inputs):
-                inputs = inputs.to(device, non_blocking=True)
-                if inputs.ndim == 4:  # images: in the layout of prepare_model's weights, which convolutions run fastest
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                outputs.append(network(inputs).float().cpu())
-                targets.append(batch_targets)
-            if files:
-                positions += files[0]
-                failed.update(files[1])
-                for path, reason in files[1].items():
-                    log.warning("warning: skipped %s: %s", path, reason)
-            update(seen)
-    if not outputs:
-        return torch.zeros(0, 0), torch.zeros(0, 0), positions, failed
-    return torch.cat(outputs), torch.cat(targets), positions, failed
-
-
-def files_through(network: Callable[[torch.Tensor], torch.Tensor], paths: list[str], img_size: int,
-                  device: torch.device, batch_size: int, workers: int = 0, max_pixels: int | None = None,
-                  label: str = "features") -> tuple[torch.Tensor, list[int], dict[str, str]]:
-    """`network`'s outputs for the files that decode (read batch by batch, `workers` processes ahead), their
-    positions in `paths`, and {path: why not} of the others: feature extraction and prediction alike."""
-    batches = image_batches(paths, img_size, batch_size, workers, max_pixels=max_pixels,
-                            pin_memory=device.type == "cuda")
-    outputs, _, positions, failed = forward_batches(network, batches, device, len(paths), label)
-    return outputs, positions, failed
-
-
-@dataclass
-class Split:
-    """One split: what its network reads (a frozen backbone's N x D features, or N image paths), the N x C
-    one-hot targets (the original's label encoding), and the size its images are read at."""
-    inputs: torch.Tensor | list[str]
-    targets: torch.Tensor
-    img_size: int = 0
-    max_pixels: int | None = None
-
-    def batches(self, batch_size: int, workers: int = 0, seed: int = 0, epoch: int | None = None,
-                world: tuple[int, int] = (0, 1), pin_memory: bool = False) -> DataLoader:
-        """The split's (inputs, targets, ...) batches, in order or, for a training epoch, in a seeded order
-        that is the same for features and images. DistributedSampler draws it: process `rank` of `size`
-        (torchrun's) takes its share of the images; the head on features trains on every batch everywhere."""
-        on_features = isinstance(self.inputs, torch.Tensor)
-        sampler = None
-        if epoch is not None:
-            rank, size = (0, 1) if on_features else world
-            sampler = DistributedSampler(range(len(self.targets)), size, rank, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-        if on_features:
-            return DataLoader(TensorDataset(self.inputs, self.targets), batch_size, sampler=sampler)
-        return image_batches(self.inputs, self.img_size, batch_size, workers, self.targets, self.max_pixels,
-                             sampler, pin_memory)
+def unreadable(paths: list[str], img_size: int, workers: int = 0, max_pixels: int | None = None) -> dict[str, str]:
+    """{path: why} of the files that do not decode, each named in a warning: what a run that reads the images
+    every epoch learns before its first epoch (decoding only; no network runs)."""
+    failed = {}
+    for *_, batch_failed in image_batches(paths, img_size, 64, workers, max_pixels=max_pixels):
+        failed.update(batch_failed)
+        for path, reason in batch_failed.items():
+            log.warning("warning: skipped %s: %s", path, reason)
+    return failed
 
 
 def load_images(paths: list[str], img_size: int, max_pixels: int | None = None,
@@ -256,10 +207,11 @@ class CreateDataset:
     """The original's data loader, on this project's decode path.
 
     The original script keeps only the arrays, so the class names would be lost on the way to TrainRestNet:
-    `last_classes` keeps those of the last folder read, the one piece of state its unchanged script needs
-    (TrainRestNet's `classes=` overrides it).
+    `folders_read` keeps the last two folders read with their classes (the script reads the training folder,
+    then the test folder), the one piece of state its unchanged script needs (TrainRestNet's `classes=`
+    overrides it).
     """
-    last_classes: list[str] | None = None
+    folders_read: list[tuple[str, list[str]]] = []
 
     def create_dataset(self, folder: str | Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """The images of folder/<class>/* as (N x 3 x H x W float32 in [0, 1], N x C one-hot float32).
@@ -279,6 +231,18 @@ class CreateDataset:
             raise UserError(f"no readable images in {folder}")
         classes = sorted(index.label.unique())
         labels = torch.tensor(usable(mark_skipped(index, skipped)).label.map(classes.index).to_numpy())
-        CreateDataset.last_classes = classes
+        CreateDataset.folders_read = [*CreateDataset.folders_read[-1:], (str(folder), classes)]
         one_hot = torch.nn.functional.one_hot(labels, len(classes)).float()
         return to_model_input(torch.from_numpy(images)).numpy(), one_hot.numpy()
+
+    @staticmethod
+    def last_classes() -> list[str] | None:
+        """The classes of the last folder read, once checked against the folder read before it (training, then
+        test): one-hot columns of other classes would give the model the wrong names. None before any read."""
+        if len(CreateDataset.folders_read) == 2:
+            (train_dir, train_classes), (test_dir, test_classes) = CreateDataset.folders_read
+            check_same_classes(train_dir, train_classes, test_dir, test_classes)
+            missing = sorted(set(train_classes) - set(test_classes))
+            if missing:  # the one-hot columns of the two folders would not match
+                raise UserError(f"{test_dir} lacks the class folder(s) {', '.join(missing)} of {train_dir}")
+        return CreateDataset.folders_read[-1][1] if CreateDataset.folders_read else None

@@ -1,8 +1,8 @@
 """K-fold cross-validation of the head on features computed once: every image is scored by a head that did not
 train on it, so the accuracy comes with its spread over folds instead of resting on one test split.
 
-Nothing here trains: the recipe hands its own head-training loop in as `train_head`, so the folds train
-exactly as the final model does (same batches, optimiser, loss and epochs).
+The recipe hands its own epoch loop in (train_one_epoch), so the folds train exactly as the final model does
+(same batches, optimiser, loss and epochs).
 """
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import MLPipeline.Report as Report
+from MLPipeline.Calibration import balanced_class_weights
 from MLPipeline.Common import UserError, log
+from MLPipeline.Folders import find_presplit
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
 
@@ -107,3 +110,30 @@ def summary_line(result: dict) -> str:
     return (f"{result['k']}-fold cross-validation: accuracy {100 * result['mean_accuracy']:.1f}% "
             f"± {100 * result['std_accuracy']:.1f} (min {100 * result['min_accuracy']:.1f}, "
             f"max {100 * result['max_accuracy']:.1f})")
+
+
+def cross_validation(data: dict, classes: list[str], config, device: torch.device, train_one_epoch) -> dict:
+    """--folds K: K heads, each trained by the recipe's own loop (train_one_epoch, handed in) on all folds but
+    one and scoring the fold it did not see, on the features computed once: `data` holds each split's Subset of
+    one TensorDataset. A pre-split folder's test part is the user's, and left out. Returns metrics.json's entry.
+    """
+    presplit = find_presplit(config.data_dir) is not None
+    rows = [row for name, split in data.items() if not (presplit and name == "test") for row in split.indices]
+    features, targets = (tensor[rows] for tensor in next(iter(data.values())).dataset.tensors)
+
+    def train_head(fold_features: torch.Tensor, labels: torch.Tensor) -> torch.nn.Module:
+        torch.manual_seed(config.seed)  # every fold's head starts as the final model's does
+        head = torch.nn.Linear(features.shape[1], len(classes)).to(device)
+        optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+        fold = TensorDataset(fold_features, torch.nn.functional.one_hot(labels, len(classes)).float())
+        weight = (balanced_class_weights(labels, len(classes)).to(device) if config.class_weights == "balanced"
+                  else None)
+        sampler = DistributedSampler(fold, 1, 0, shuffle=True, seed=config.seed)  # the recipe's order
+        for epoch in range(1, config.epochs + 1):
+            sampler.set_epoch(epoch)
+            train_one_epoch(head.train(), DataLoader(fold, config.batch_size, sampler=sampler), optimizer, device,
+                            weight)
+        return head.eval().cpu()
+    result = cross_validate(features, targets.argmax(1), classes, config.folds, config.seed, train_head)
+    log.info("%s; the final model trains on the training split as without --folds", summary_line(result))
+    return json_ready(result)

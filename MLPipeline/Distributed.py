@@ -1,8 +1,8 @@
 """Several processes: `torchrun --nproc_per_node=N engine.py ...` starts N copies of the program with RANK,
 WORLD_SIZE and LOCAL_RANK set. Each takes its share of the images; rank 0 alone logs progress and writes.
 
-The recipe calls `start_distributed` once and asks `is_main_process()` before writing; everything else
-goes through PyTorch's own pieces (DistributedSampler, DistributedDataParallel, all_gather_object).
+train() joins the job once, at its top, where it also wraps the trained network in DistributedDataParallel;
+everything else goes through PyTorch's own pieces (DistributedSampler, all_gather_object).
 """
 from __future__ import annotations
 
@@ -54,32 +54,41 @@ def gather(item) -> list:
     return gathered
 
 
-def sharded(run: Callable[[list], tuple[torch.Tensor, list[int], dict[str, str]]], batch_size: int):
-    """`run(items) -> (outputs, positions of the items that worked, {item: why it failed})` split across the
-    job: each process runs every N-th batch of batch_size items, and every process gets everyone's results in
-    the items' order. Whole batches, so that each item is computed in the same batch as in one process: the
-    same outputs to the last bit (a network's rounding depends on the batch). In one process it is `run`."""
-    if world()[1] == 1:
-        return run
+def my_share(count: int, batch_size: int) -> list[int]:
+    """The positions of `count` items that this process computes: every N-th whole batch of batch_size (all of
+    them in one process). Whole batches, so that each item is computed in the same batch as in one process:
+    the same outputs to the last bit (a network's rounding depends on the batch)."""
+    rank, size = world()
+    return list(range(count)) if size == 1 else [p for p in range(count) if p // batch_size % size == rank]
 
-    def run_sharded(items: list) -> tuple[torch.Tensor, list[int], dict[str, str]]:
-        rank, size = world()
-        mine = [position for position in range(len(items)) if position // batch_size % size == rank]
-        outputs, positions, failed = run([items[i] for i in mine])
-        parts = gather((outputs.cpu(), [mine[p] for p in positions], failed))
-        positions = [position for _, part_positions, _ in parts for position in part_positions]
-        order = torch.tensor(positions).argsort(stable=True) if positions else torch.zeros(0, dtype=torch.long)
-        non_empty = [part for part, _, _ in parts if len(part)] or [parts[0][0]]  # an empty part has no width
-        outputs = torch.cat(non_empty)[order]
-        failed = {item: why for _, _, part_failed in parts for item, why in part_failed.items()}
-        return outputs, sorted(positions), failed
-    return run_sharded
+
+def gather_shares(outputs: torch.Tensor, positions: list[int], failed: dict[str, str],
+                  ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+    """Every process's (outputs, positions of the items that worked, {item: why it failed}) of its share, put
+    together in the items' order; in one process, what it was given."""
+    if world()[1] == 1:
+        return outputs, positions, failed
+    parts = gather((outputs.cpu(), positions, failed))
+    positions = [position for _, part_positions, _ in parts for position in part_positions]
+    order = torch.tensor(positions).argsort(stable=True) if positions else torch.zeros(0, dtype=torch.long)
+    non_empty = [part for part, _, _ in parts if len(part)] or [parts[0][0]]  # an empty part has no width
+    failed = {item: why for _, _, part_failed in parts for item, why in part_failed.items()}
+    return torch.cat(non_empty)[order], sorted(positions), failed
+
+
+def sharded(run: Callable[[list], tuple[torch.Tensor, list[int], dict[str, str]]], items: list, batch_size: int,
+            ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+    """`run(items) -> (outputs, positions of the items that worked, {item: why it failed})`, split across the
+    job (my_share) and put together again (gather_shares): every process gets everyone's results."""
+    mine = my_share(len(items), batch_size)
+    outputs, positions, failed = run([items[position] for position in mine])
+    return gather_shares(outputs, [mine[position] for position in positions], failed)
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Under torchrun, `module` wrapped in DistributedDataParallel, which averages the processes' gradients
-    at each step; else `module` itself. Buffers are not broadcast: the head has none, and the backbone's
-    BatchNorm keeps its pretrained statistics, the same in every process."""
+    at each step; else `module` itself. Buffers are not broadcast: BatchNorm keeps its pretrained
+    statistics, the same in every process."""
     if world()[1] == 1:
         return module
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,

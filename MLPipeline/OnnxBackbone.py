@@ -32,7 +32,7 @@ class FeaturesOf(nn.Module):
         return self.model.features(images)
 
 
-class FrozenBackbone:
+class FrozenBackbone(nn.Module):
     """Computes a frozen backbone's features, like model.features: with PyTorch, or on the CPU with ONNX Runtime.
 
     ONNX Runtime runs some networks much faster on a CPU and others slower (docs/speed.md). runtime 'auto': a run
@@ -43,6 +43,7 @@ class FrozenBackbone:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, runtime: str = "auto", images: int = 0):
+        super().__init__()
         self.model, self.runtime = model, runtime
         self.name = "pytorch"
         try_onnx = runtime == "onnxruntime" or (runtime == "auto" and images >= MIN_IMAGES_TO_COMPARE)
@@ -52,7 +53,7 @@ class FrozenBackbone:
                 log.warning("warning: ONNX Runtime runs the backbone on the CPU only; on %s PyTorch runs it", device)
         self.run: Callable[[torch.Tensor], torch.Tensor] | None = None if try_onnx else model.features
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.run is not None:
             return self.run(images)
         self.run, features = self.choose(images)

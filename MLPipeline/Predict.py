@@ -11,14 +11,13 @@ import torch
 import MLPipeline.Report as Report
 from MLPipeline import Calibration
 from MLPipeline.Common import UserError, log, pick_device
-from MLPipeline.CreateDataset import (files_through, forward_batches, load_images, resize, skip_reasons,
-                                      to_model_input, usable)
+from MLPipeline.CreateDataset import image_batches, load_images, resize, skip_reasons, to_model_input, usable
 from MLPipeline.Distributed import is_main_process, sharded, start_distributed
 from MLPipeline.Explain import explain_evaluation
 from MLPipeline.Export import OnnxModel, load_onnx_model
 from MLPipeline.Folders import check_data_dir, find_presplit, index_folder, list_images
 from MLPipeline.OutputFolder import check_output_dir, output_lock
-from MLPipeline.ResNet_Model import Classifier, inference_batch_size, load_checkpoint, prepare_model
+from MLPipeline.ResNet_Model import Classifier, forward_batches, inference_batch_size, load_checkpoint, prepare_model
 
 
 @dataclass
@@ -75,9 +74,10 @@ def file_logits(model: TrainedModel | OnnxModel, paths: list[str], batch_size: i
                 max_pixels: int | None = None, workers: int = 0) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """Logits of the files that decode, their positions in `paths`, and {path: why not} of the others; the files
     stream through the model batch by batch, so a folder of any size keeps memory flat."""
-    return files_through(model.network, paths, model.img_size, model.device,
-                         batch_size or inference_batch_size(model.device, model.img_size), workers, max_pixels,
-                         "predict")
+    batches = image_batches(paths, model.img_size, batch_size or inference_batch_size(model.device, model.img_size),
+                            workers, max_pixels=max_pixels, pin_memory=model.device.type == "cuda")
+    logits, _, positions, failed = forward_batches(model.network, batches, model.device, len(paths), "predict")
+    return logits, positions, failed
 
 
 def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | None = None,
@@ -97,7 +97,7 @@ def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | Non
     paths = [str(items[position]) for position in files]
     batch_size = batch_size or inference_batch_size(model.device, model.img_size)
     logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers),
-                                        batch_size)(paths)
+                                        paths, batch_size)
     if positions:
         probabilities[[files[position] for position in positions]] = probabilities_of(model, logits)
     for position, path in zip(files, paths):
@@ -170,7 +170,7 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
     index = usable(index).reset_index(drop=True)
     batch_size = inference_batch_size(model.device, model.img_size)
     logits, positions, failed = sharded(lambda some: file_logits(model, some, batch_size, max_pixels, workers),
-                                        batch_size)(index.path.tolist())
+                                        index.path.tolist(), batch_size)
     skipped.update(failed)
     if not positions:
         raise UserError(f"no readable images in {data_dir}")

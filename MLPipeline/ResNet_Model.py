@@ -7,6 +7,7 @@ the mean/std its weights were trained with, so callers hand it images scaled to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import UserError, atomic_write, first_line, safe_torch_load
+from MLPipeline.Common import (UserError, atomic_write, autocast, first_line, log, progress_reporter,
+                              safe_torch_load)
 from MLPipeline.Weights import (BACKBONES, PIP_BACKBONES, TORCHVISION_BACKBONES, fit_state_dict, normalisation,
                                 resolve_weights)
 
@@ -242,6 +244,40 @@ def inference_batch_size(device: torch.device, img_size: int) -> int:
     return 64 if device.type == "cuda" else max(1, round(CPU_BATCH_PIXELS / img_size ** 2))
 
 
+def forward_batches(network: Callable[[torch.Tensor], torch.Tensor], batches, device: torch.device, total: int,
+                    label: str = "forward") -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, str]]:
+    """`network`'s outputs for every batch of (inputs, targets, ...), in inference mode: feature extraction,
+    scoring, prediction. Returns the outputs (float32, on the CPU) and targets in the batches' order and, for
+    batches of image files (image_batches), the positions read and {path: why not} of the rest, each named in
+    a warning. total: how many items the batches hold (the outputs are filled into one tensor of that size,
+    never stacked from a list: no second copy of the features).
+    """
+    outputs, targets, positions, failed = None, [], [], {}
+    update, seen, filled = progress_reporter(label, total), 0, 0
+    with torch.inference_mode(), autocast(device):
+        for inputs, batch_targets, *files in batches:
+            seen += len(inputs) + (len(files[1]) if files else 0)  # decoded and failed alike
+            if len(inputs):
+                inputs = inputs.to(device, non_blocking=True)
+                if inputs.ndim == 4:  # images: in the layout of prepare_model's weights, which convolutions run fastest
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                batch_outputs = network(inputs).float().cpu()
+                if outputs is None:
+                    outputs = batch_outputs.new_empty((max(total, len(batch_outputs)), *batch_outputs.shape[1:]))
+                outputs[filled:filled + len(batch_outputs)] = batch_outputs
+                filled += len(batch_outputs)
+                targets.append(batch_targets)
+            if files:
+                positions += files[0]
+                failed.update(files[1])
+                for path, reason in files[1].items():
+                    log.warning("warning: skipped %s: %s", path, reason)
+            update(seen)
+    if outputs is None:
+        return torch.zeros(0, 0), torch.zeros(0, 0), positions, failed
+    return outputs[:filled], torch.cat(targets), positions, failed
+
+
 # --- The original project's entry points (see README: Coming from the original project)
 
 class ResNET_Model:
@@ -257,38 +293,3 @@ class ResNET_Model:
         model, provenance = build_model(num_classes, weights=weights)
         model.provenance = provenance
         return model
-
-
-def check_batches(model: Classifier, *loaders) -> int:
-    """Refuse, before any training, what would fail late or silently: returns the images' size.
-
-    Both loaders' first batch: square N x 3 x S x S images in [0, 1], the same S, and one-hot labels with a
-    column per output of the model (a test folder lacking a class would shift every label after it).
-    """
-    if not hasattr(model, "provenance"):
-        raise UserError("TrainRestNet needs the model from ResNET_Model().model_builder(), which records where "
-                        "its weights came from")
-    sizes = set()
-    for images, labels in (next(iter(loader), (None, None)) for loader in loaders):
-        if images is None:
-            raise UserError("a loader yields no batches")
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
-            raise UserError(f"batches must hold N x 3 x S x S images, not {tuple(images.shape)}")
-        if images.min() < 0 or images.max() > 1:
-            raise UserError("images must be scaled to [0, 1] (the model normalises them itself)")
-        if labels.ndim != 2 or labels.shape[1] != model.head.out_features:
-            raise UserError(f"labels of shape {tuple(labels.shape)} do not fit a model with "
-                            f"{model.head.out_features} outputs: one-hot labels need a column per class, the "
-                            f"same classes in both folders, and model_builder(number of classes)")
-        sizes.add(images.shape[2])
-    if len(sizes) > 1:
-        raise UserError(f"training and test images differ in size ({' and '.join(map(str, sorted(sizes)))})")
-    return sizes.pop()
-
-
-def check_classes(classes: list[str] | None, num_classes: int) -> list[str]:
-    """The class names for TrainRestNet's checkpoint: one per output of the model."""
-    if classes is None or len(classes) != num_classes:
-        raise UserError(f"the model has {num_classes} outputs but the class names known are {classes}: pass "
-                        f"TrainRestNet(..., classes=[one name per one-hot column])")
-    return list(classes)

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MLPipeline.Augment import make_augmenter  # noqa: E402
-from MLPipeline.CreateDataset import files_through, list_images  # noqa: E402
+from MLPipeline.CreateDataset import image_batches, list_images  # noqa: E402
 from MLPipeline.OnnxBackbone import FrozenBackbone  # noqa: E402
-from MLPipeline.ResNet_Model import build_model, prepare_model  # noqa: E402
+from MLPipeline.ResNet_Model import build_model, forward_batches, prepare_model  # noqa: E402
 from MLPipeline.SyntheticData import make_demo_data  # noqa: E402
 from MLPipeline.Train import TrainConfig, train  # noqa: E402
 
@@ -51,13 +51,18 @@ def cache_rows(data: Path, img_size: int, backbone: str) -> None:
           f"   ({first_s / max(second_s, 1e-3):.0f}x less for decode + features)")
 
 
+def files_through(network, paths: list[str], img_size: int, device: torch.device, batch_size: int, workers: int = 0):
+    """network's outputs for the files, decoded by `workers` processes: a training run's feature extraction."""
+    return forward_batches(network, image_batches(paths, img_size, batch_size, workers), device, len(paths))
+
+
 def feature_rows(paths: list[str], img_size: int, backbone: str) -> None:
     model = prepare_model(build_model(3, backbone, "imagenet")[0].eval(), CPU)
     runtimes = {"pytorch": model.features, "onnxruntime": FrozenBackbone(model, CPU, "onnxruntime")}
     speeds = {}
     for name, network in runtimes.items():
         files_through(network, paths[:16], img_size, CPU, 8)  # warm-up (and, for ONNX Runtime, the export)
-        (features, _, _), seconds = timed(files_through, network, paths, img_size, CPU, 8, workers=2)
+        (features, *_), seconds = timed(files_through, network, paths, img_size, CPU, 8, workers=2)
         speeds[name] = len(paths) / seconds
     print(f"features: {backbone} at {img_size} px, {len(paths)} images, batches of 8, 2 decode workers")
     print(f"  PyTorch {speeds['pytorch']:.1f} images/s, ONNX Runtime {speeds['onnxruntime']:.1f} images/s "

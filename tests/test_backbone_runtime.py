@@ -16,17 +16,18 @@ from MLPipeline.ResNet_Model import build_model, prepare_model
 CPU = torch.device("cpu")
 
 
-class Watched:
-    """A FrozenBackbone that notes which runtime computed each batch."""
+class Watched(torch.nn.Module):
+    """A FrozenBackbone that notes which runtime computed each batch (a module: it stands in a network)."""
 
     def __init__(self, backbone, calls: list):
+        super().__init__()
         self.backbone, self.calls = backbone, calls
 
     @property
     def name(self) -> str:
         return self.backbone.name
 
-    def __call__(self, images):
+    def forward(self, images):
         features = self.backbone(images)
         self.calls.append(self.backbone.name)
         return features

@@ -114,3 +114,20 @@ def test_improvement_flags_reach_the_checkpoint_from_the_command_line(tiny_data,
     assert {key: checkpoint["training"][key] for key in ("augment", "unfreeze", "schedule", "val_size")} == {
         "augment": True, "unfreeze": "last", "schedule": "cosine", "val_size": 0.25}
     assert json.loads((tmp_path / "metrics.json").read_text())["config"]["backbone_lr"] == 1e-5
+
+
+def test_augment_runs_no_backbone_pass_before_its_epochs(tiny_data, tmp_path, monkeypatch):
+    """--augment reads the training images every epoch: features computed before the first epoch would be
+    thrown away, so the backbone first runs inside the first epoch (the files are only decoded before it)."""
+    from MLPipeline import Train
+    from MLPipeline.ResNet_Model import Classifier
+    events = []
+    real_epoch, real_features = Train.train_one_epoch, Classifier.features
+    monkeypatch.setattr(Train, "train_one_epoch", lambda *args: events.append("epoch") or real_epoch(*args))
+    monkeypatch.setattr(Classifier, "features",
+                        lambda self, images: events.append(len(images)) or real_features(self, images))
+    run = train(fast_config(tiny_data, tmp_path, augment=True, epochs=2, workers=0, backbone="resnet18"))
+    assert events[0] == "epoch", events[:5]  # not one image through the backbone before training starts
+    trained = sum(counts["train"] for counts in run.metrics["dataset"]["counts"].values())
+    first_epoch = events[1:events.index("epoch", 1)]
+    assert sum(first_epoch) >= trained  # the first epoch's training batches, then the held-out scoring

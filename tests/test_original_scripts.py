@@ -116,7 +116,7 @@ def test_create_dataset_returns_what_the_model_takes(tiny_data):
     assert 0 <= images.min() and images.max() <= 1 and images.max() > 0.5
     assert labels.shape == (24, 3) and labels.dtype == np.float32
     assert (labels.sum(1) == 1).all() and labels.sum(0).tolist() == [8, 8, 8]
-    assert CreateDataset.last_classes == CLASSES
+    assert CreateDataset.last_classes() == CLASSES
     first_beta = sorted((tiny_data / "beta").iterdir())[0]
     np.testing.assert_array_equal(images[8], load_image(first_beta, 32).transpose(2, 0, 1) / np.float32(255))
     assert labels[8].tolist() == [0, 1, 0]  # sorted classes: beta is the second column

@@ -150,7 +150,7 @@ def test_ctrl_c_during_feature_extraction_keeps_the_previous_outputs(cli, previo
     def interrupted(*args, **kwargs):
         calls.append(kwargs.get("label", args[4] if len(args) > 4 else ""))
         raise KeyboardInterrupt
-    monkeypatch.setattr(MLPipeline.CreateDataset, "forward_batches", interrupted)
+    monkeypatch.setattr(MLPipeline.Train, "forward_batches", interrupted)
     result, output, before, _, cache = interrupted_run(cli, previous_run, tmp_path)
     assert calls == ["features"], calls  # it was the frozen backbone's feature extraction that was stopped
     assert_interrupted_cleanly(result, output, cache)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from MLPipeline import CreateDataset, TrainConfig, train
-from MLPipeline.CreateDataset import forward_batches, image_batches, list_images, load_images
-from MLPipeline.FeatureCache import FeatureCache, backbone_fingerprint, cached
-from MLPipeline.ResNet_Model import build_model
+from MLPipeline import CreateDataset, FeatureCache, TrainConfig, train
+from MLPipeline.CreateDataset import image_batches, list_images, load_images
+from MLPipeline.ResNet_Model import build_model, forward_batches
 
 IMG_SIZE = 32
 CPU = torch.device("cpu")
@@ -60,13 +58,15 @@ def streamed_features(model, paths: list[str], batch_size: int = 8):
     return features, positions, skipped
 
 
-def features_through_cache(model, paths: list[str], folder) -> tuple[torch.Tensor, FeatureCache]:
-    """What a training run does: features from the cache under `folder`, the rest computed, the cache saved."""
-    run = cached(lambda some: streamed_features(model, some), folder, backbone_fingerprint(model, "resnet18", IMG_SIZE),
-                 model.head.in_features)
-    features = run(paths)[0]
-    run.save()
-    return features, run.cache
+def run(data, output_dir, **overrides):
+    """A training run of seconds: random ResNet18 (drawn from the seed, so the same backbone every run), 32 px."""
+    return train(TrainConfig(**{**dict(data_dir=data, output_dir=output_dir, img_size=IMG_SIZE, weights="none",
+                                       backbone="resnet18", epochs=1, workers=0), **overrides}))
+
+
+def stored_cache(output_dir) -> dict:
+    [path] = (output_dir / "cache").glob("features-*.pt")
+    return torch.load(path, weights_only=True)
 
 
 def test_streamed_features_equal_features_of_images_held_in_memory(model, data, tmp_path):
@@ -88,91 +88,98 @@ def test_image_batches_decode_in_worker_processes_as_in_this_one(data, tmp_path)
     assert [list(batch[3]) for batch in batches[1] if batch[3]] == [[paths[-1]]]
 
 
-def test_second_run_reads_every_feature_from_the_cache(model, data, tmp_path, decode_count):
-    paths = paths_of(data)
-    first = features_through_cache(model, paths, tmp_path / "cache")[0]
-    assert decode_count["files"] == len(paths)
-    second = features_through_cache(model, paths, tmp_path / "cache")[0]
-    assert decode_count["files"] == len(paths)  # nothing decoded the second time
-    assert torch.equal(first, second)
+def test_second_run_reads_every_feature_from_the_cache(data, tmp_path, decode_count):
+    first = run(data, tmp_path / "out")
+    assert decode_count["files"] == len(paths_of(data))
+    second = run(data, tmp_path / "out")
+    assert decode_count["files"] == len(paths_of(data))  # nothing decoded the second time
+    torch.testing.assert_close(second.test_logits, first.test_logits)
 
 
-def test_a_changed_file_is_computed_again_alone(model, data, tmp_path, decode_count):
+def test_the_cache_holds_the_features_of_the_files_read_by_their_content(model, data, tmp_path):
+    run(data, tmp_path / "out")
+    stored = stored_cache(tmp_path / "out")
     paths = paths_of(data)
-    before = features_through_cache(model, paths, tmp_path / "cache")[0]
-    changed = paths[3]
-    cv2.imwrite(changed, np.full((40, 48, 3), 255, np.uint8))
-    os.utime(changed, ns=(0, os.stat(changed).st_mtime_ns + 10**9))  # a new size and time, whatever the clock
+    assert sorted(stored["keys"]) == sorted(FeatureCache.content_key(path) for path in paths)
+    torch.manual_seed(42)  # train() seeds so before it builds the model: the backbone of the run
+    backbone = build_model(3, "resnet18", weights="none")[0].eval()
+    expected = streamed_features(backbone, paths)[0]
+    order = [stored["keys"].index(FeatureCache.content_key(path)) for path in paths]
+    torch.testing.assert_close(stored["features"][order], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_edited_in_place_with_its_size_and_time_kept_is_computed_again(data, tmp_path, decode_count):
+    edited = str(data / "alpha" / "edited.bmp")  # uncompressed: other pixels, the same size
+    cv2.imwrite(edited, np.full((40, 48, 3), 30, np.uint8))
+    run(data, tmp_path / "out")
+    status = os.stat(edited)
+    cv2.imwrite(edited, np.full((40, 48, 3), 220, np.uint8))
+    os.utime(edited, ns=(status.st_atime_ns, status.st_mtime_ns))  # as a tool that keeps the time leaves it
+    assert (os.stat(edited).st_size, os.stat(edited).st_mtime_ns) == (status.st_size, status.st_mtime_ns)
     decode_count["files"] = 0
-    after = features_through_cache(model, paths, tmp_path / "cache")[0]
+    run(data, tmp_path / "out", lr=0.01)
     assert decode_count["files"] == 1
-    assert not torch.allclose(before[3], after[3])
-    torch.testing.assert_close(torch.cat([before[:3], before[4:]]), torch.cat([after[:3], after[4:]]))
 
 
-def test_saving_the_cache_makes_no_second_copy_of_the_features(model, data, tmp_path, monkeypatch):
-    paths = paths_of(data)
-    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
-    features = streamed_features(model, paths)[0]
-    cache.update(paths, list(range(len(paths))), features)
-
-    def no_stacking(*args, **kwargs):
-        raise AssertionError("the rows were stacked into a copy")
-    monkeypatch.setattr(torch, "stack", no_stacking)
-    cache.save()
-    monkeypatch.undo()
-    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
-    assert torch.equal(torch.stack([reloaded[key] for key in cache.rows]), features)
+def test_a_warm_cache_skips_what_a_cold_run_skips(data, tmp_path):
+    run(data, tmp_path / "out")
+    limited = 40 * 48 - 1  # every tiny image has 40 x 48 pixels: over this limit, all are skipped
+    warm = cli_run(data, tmp_path / "out", limited)
+    cold = cli_run(data, tmp_path / "cold", limited)
+    assert warm.returncode == cold.returncode == 2
+    assert warm.stderr.splitlines()[-1] == cold.stderr.splitlines()[-1]
+    assert "too large" in warm.stderr
 
 
-def test_rows_no_key_uses_are_not_written(model, tmp_path):
-    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
-    computed = torch.randn(100, 512)  # one run's features, of which 3 rows are still some file's
-    cache.blocks, cache.starts = [torch.randn(10, 512), computed], [0, 10]
-    cache.rows = {bytes([row]) * 16: 10 + row for row in (0, 50, 99)}
-    cache.save()
-    assert cache.path.stat().st_size < computed[:10].nbytes  # packed: 3 rows written, not 110
-    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
-    assert torch.equal(reloaded[bytes([50]) * 16], computed[50]) and len(reloaded.rows) == 3
+def cli_run(data, output_dir, max_pixels):
+    from tests.conftest import run_engine
+    return run_engine("--data-dir", data, "--output-dir", output_dir, "--img-size", IMG_SIZE, "--weights", "none",
+                      "--backbone", "resnet18", "--epochs", 1, "--workers", 0, "--max-pixels", max_pixels)
 
 
-def test_blocks_no_key_uses_are_left_out_and_the_rest_renumbered(model, tmp_path):
-    cache = FeatureCache(tmp_path / "cache", backbone_fingerprint(model, "resnet18", IMG_SIZE))
-    dead, second, third = torch.randn(10, 512), torch.randn(4, 512), torch.randn(2, 512)
-    cache.blocks, cache.starts = [dead, second, third], [0, 10, 14]
-    cache.rows = {bytes([row]) * 16: row for row in range(10, 16)}  # every row of the 2nd and 3rd blocks
-    cache.save()
-    reloaded = FeatureCache(tmp_path / "cache", cache.fingerprint)
-    assert len(reloaded.blocks) == 2 and reloaded.starts == [0, 4]  # the dead block is not written
-    assert all(torch.equal(reloaded[bytes([row]) * 16], torch.cat([second, third])[row - 10]) for row in range(10, 16))
-
-
-def test_other_weights_do_not_share_a_cache(model):
+def test_other_weights_and_settings_do_not_share_a_cache(model):
     other = build_model(3, "resnet18", weights="none")[0]
-    assert backbone_fingerprint(model, "resnet18", IMG_SIZE) != backbone_fingerprint(other, "resnet18", IMG_SIZE)
-    assert backbone_fingerprint(model, "resnet18", IMG_SIZE) != backbone_fingerprint(model, "resnet18", 64)
+    fingerprint = FeatureCache.fingerprint
+    assert fingerprint(model, "resnet18", IMG_SIZE, 10**6) != fingerprint(other, "resnet18", IMG_SIZE, 10**6)
+    assert fingerprint(model, "resnet18", IMG_SIZE, 10**6) != fingerprint(model, "resnet18", 64, 10**6)
+    assert fingerprint(model, "resnet18", IMG_SIZE, 10**6) != fingerprint(model, "resnet18", IMG_SIZE, 10**5)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "wrong-width"])
-def test_a_damaged_cache_is_rebuilt_with_a_warning(model, data, tmp_path, caplog, decode_count, damage):
-    paths = paths_of(data)
-    expected, cache = features_through_cache(model, paths, tmp_path / "cache")
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "wrong-width", "changed-bytes"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(data, tmp_path, caplog, decode_count, damage):
+    expected = run(data, tmp_path / "out")
+    [path] = (tmp_path / "out" / "cache").glob("features-*.pt")
     if damage == "garbage":
-        cache.path.write_bytes(b"not a cache")
+        path.write_bytes(b"not a cache")
     elif damage == "truncated":
-        cache.path.write_bytes(cache.path.read_bytes()[:500])
+        path.write_bytes(path.read_bytes()[:500])
     elif damage == "foreign":
-        torch.save({"format": "something else"}, cache.path)
-    else:  # right format and fingerprint, features of another width: they would fail in the head, far from here
-        stored = torch.load(cache.path, weights_only=True)
-        torch.save({**stored, "blocks": [block[:, :10] for block in stored["blocks"]]}, cache.path)
+        torch.save({"format": "something else"}, path)
+    elif damage == "wrong-width":  # right format and fingerprint: features that would fail in the head, far away
+        stored = torch.load(path, weights_only=True)
+        torch.save({**stored, "features": stored["features"][:, :10]}, path)
+    else:  # a few bytes of the stored features changed: the zip's CRC no longer matches
+        raw = bytearray(path.read_bytes())
+        at = raw.find(stored_cache(tmp_path / "out")["features"][0].numpy().tobytes()[:16])
+        raw[at:at + 4] = bytes(4)
+        path.write_bytes(bytes(raw))
     decode_count["files"] = 0
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
-        features = features_through_cache(model, paths, tmp_path / "cache")[0]
-    assert "feature cache" in caplog.text and str(cache.path) in caplog.text
-    assert decode_count["files"] == len(paths)
-    torch.testing.assert_close(features, expected)
-    assert len(FeatureCache(tmp_path / "cache", cache.fingerprint).rows) == len(paths)  # sound again
+        again = run(data, tmp_path / "out")
+    assert "feature cache" in caplog.text and str(path) in caplog.text
+    assert decode_count["files"] == len(paths_of(data))
+    torch.testing.assert_close(again.test_logits, expected.test_logits)
+    assert len(stored_cache(tmp_path / "out")["keys"]) == len(paths_of(data))  # sound again
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(data, tmp_path, caplog, monkeypatch):
+    def refused(path):
+        raise PermissionError(1, f"could not write {path} (Operation not permitted)")
+    monkeypatch.setattr(FeatureCache, "atomic_write", refused)  # as in a read-only folder (root may write anywhere)
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        result = run(data, tmp_path / "out")
+    assert "the feature cache was not saved" in caplog.text
+    assert (tmp_path / "out" / "model.pt").exists() and result.metrics["test_accuracy"] >= 0
 
 
 @pytest.mark.parametrize("change", [{"lr": 1e-4, "epochs": 2}, {"seed": 7}, {"val_size": 0.25},
@@ -193,18 +200,16 @@ def test_training_runs_share_the_cache_across_head_settings(data, tmp_path, deco
         [row["train_loss"] for row in fresh.metrics["history"]], rel=1e-5)
 
 
-def test_an_added_or_renamed_file_is_computed_alone(model, data, tmp_path, decode_count):
+def test_an_added_file_is_computed_alone_and_a_renamed_one_not_at_all(data, tmp_path, decode_count):
     paths = paths_of(data)
-    features_through_cache(model, paths, tmp_path / "cache")
+    first = run(data, tmp_path / "out")
     added = data / "alpha" / "added.png"
-    shutil.copy(paths[0], added)
-    renamed = paths[1].replace(".png", "-renamed.png").replace(".jpg", "-renamed.jpg")
-    os.rename(paths[1], renamed)
-    now = [str(added), renamed, *paths[:1], *paths[2:]]
+    cv2.imwrite(str(added), np.full((40, 48, 3), 200, np.uint8))
+    os.rename(paths[1], paths[1].replace(".png", "-renamed.png").replace(".jpg", "-renamed.jpg"))
     decode_count["files"] = 0
-    features = features_through_cache(model, now, tmp_path / "cache")[0]
-    assert decode_count["files"] == 2  # the added file and the renamed one; the rest came from the cache
-    torch.testing.assert_close(features, streamed_features(model, now)[0], rtol=1e-4, atol=1e-5)
+    run(data, tmp_path / "out", lr=0.01)
+    assert decode_count["files"] == 1  # the added file; the renamed one's content is in the cache
+    assert first.metrics["dataset"]["skipped_count"] == 0
 
 
 def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tmp_path):

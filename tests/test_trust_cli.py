@@ -101,7 +101,7 @@ def test_balanced_class_weights_weigh_each_class_by_its_inverse_share(tmp_path, 
     weights = []
     real = Train.train_one_epoch
     monkeypatch.setattr(Train, "train_one_epoch",
-                        lambda *args, **kwargs: weights.append(args[6] if len(args) > 6 else kwargs.get("weight"))
+                        lambda *args, **kwargs: weights.append(args[4] if len(args) > 4 else kwargs.get("weight"))
                         or real(*args, **kwargs))
     train(TrainConfig(data_dir=data, output_dir=tmp_path / "out", epochs=1, class_weights="balanced", **SETTINGS))
     torch.testing.assert_close(weights[0].cpu(), torch.tensor([20 / (2 * 4), 20 / (2 * 16)]))
