@@ -129,7 +129,7 @@ def index_folder(folder: Path) -> pd.DataFrame:
     rows, passed_over = [], 0
     for class_dir in class_dirs:
         first = seen.get(folder_key(class_dir), class_dir)
-        if first != class_dir:
+        if first not in (class_dir, folder):  # a link to the data folder is a loop: find_files names it
             log.warning("warning: class folder %s is a link to %s, read already: its images are used once, "
                         "under '%s'", class_dir, first, first.name)
             continue
