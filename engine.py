@@ -53,8 +53,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from MLPipeline.Distributed import is_main_process
     from MLPipeline.Explain import explain_paths, torch_network
     from MLPipeline.Predict import load_model, predict
-    if args.csv:
-        check_csv_path(args.csv, [args.model, *args.paths])
+    check_predict_targets(args)
     check_option(OPTIONS["max_pixels"], args.max_pixels)
     check_option(OPTIONS["workers"], args.workers)
     min_confidence = checked_min_confidence(args.min_confidence)
@@ -92,13 +91,16 @@ def checked_min_confidence(value: float | None) -> float | None:
     return None if value is None else check_probability(value, "--min-confidence")
 
 
-def check_csv_path(csv: Path, inputs: list[Path]) -> None:
-    """--csv must name a new or regular file that is none of the command's inputs (the model, an image)."""
-    if csv.is_dir():
-        raise UserError(f"--csv {csv} is a folder; give a file name such as predictions.csv")
-    for path in inputs:
-        if csv.exists() and path.exists() and os.path.samefile(csv, path):
-            raise UserError(f"--csv {csv} is {path}, an input of this command: give another file name")
+def check_predict_targets(args: argparse.Namespace) -> None:
+    """--csv and --explain, before any work: neither may be an input (the model, an image), lie in a folder
+    predict reads, nor replace an image of the user's."""
+    from MLPipeline.Explain import EXPLANATION_NAMES
+    from MLPipeline.OutputFolder import check_write_target
+    folders = [path for path in args.paths if os.path.isdir(path)]
+    for flag, target, folder in (("--csv", args.csv, False), ("--explain", args.explain, True)):
+        if target:
+            check_write_target(target, flag, folder=folder, inputs=[args.model, *args.paths], data_dirs=folders,
+                               writes=EXPLANATION_NAMES if folder else "")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

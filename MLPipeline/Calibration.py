@@ -15,12 +15,16 @@ from MLPipeline.Common import UserError, log
 from MLPipeline.Report import save_figure
 
 TEMPERATURE_RANGE = (0.05, 20.0)  # beyond these, the held-out logits are degenerate, not mis-scaled
+MIN_CALIBRATION_IMAGES = 10  # fewer held-out images say too little about the confidence to fit it
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 REVIEW = "review"  # the decision of a prediction below --min-confidence
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 (within TEMPERATURE_RANGE) minimising the cross-entropy of softmax(logits / T) on held-out logits.
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The T > 0 minimising the cross-entropy of softmax(logits / T) on held-out logits; None, with a warning
+    saying why, when they cannot calibrate: fewer than MIN_CALIBRATION_IMAGES, no mistake among them (the
+    loss then falls all the way to T = 0: every probability would be sharpened to certainty), or a T at the
+    edge of TEMPERATURE_RANGE. The model then stays uncalibrated (T = 1).
 
     A golden-section search over log T: the loss is convex in 1/T, hence unimodal in log T, so the search
     needs no starting point or step size and gives the same T every time. The loss is computed in NumPy
@@ -28,6 +32,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """
     logits = logits.detach().cpu().double().numpy()
     rows, labels = np.arange(len(logits)), labels.detach().cpu().numpy()
+    if len(labels) < MIN_CALIBRATION_IMAGES:
+        return not_calibrated(f"the validation split has {len(labels)} image(s), too few to fit a temperature "
+                              f"on (at least {MIN_CALIBRATION_IMAGES})")
+    if (logits.argmax(1) == labels).all():
+        return not_calibrated(f"the model gets all {len(labels)} validation images right, so nothing there says "
+                              f"how far its confidence can be trusted")
 
     def loss(log_t: float) -> float:
         scaled = logits / math.exp(log_t)
@@ -50,9 +60,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             right_loss = loss(right)
     temperature = math.exp((low + high) / 2)
     if not TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] / 1.01:
-        log.warning("warning: the fitted temperature %.3g is at the edge of its range %s: the validation "
-                    "logits are all right (or all wrong) with a wide margin", temperature, TEMPERATURE_RANGE)
+        return not_calibrated(f"the best temperature lies at the edge of its range {TEMPERATURE_RANGE} "
+                              f"({temperature:.3g}): the validation logits are degenerate, not mis-scaled")
     return temperature
+
+
+def not_calibrated(why: str) -> None:
+    log.warning("warning: the probabilities are left uncalibrated (temperature 1): %s; a larger --val-size "
+                "gives temperature scaling more to fit", why)
 
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -14,6 +14,7 @@ import stat
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 log = logging.getLogger("MLPipeline")
 
 PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
+# The most a checkpoint or weights file may hold: the largest this project writes or reads (VGG16's weights)
+# is under 600 MB, so a file or archive beyond it is damaged or hostile, never one to expand.
+MAX_LOAD_BYTES = 4 * 2**30
 
 
 class UserError(Exception):
@@ -50,7 +54,9 @@ def first_line(error: Exception) -> str:
 
 
 def safe_torch_load(path: Path, what: str) -> dict:
-    """torch.load restricted to tensors and plain containers: a crafted pickle is refused, never run."""
+    """torch.load restricted to tensors and plain containers: a crafted pickle is refused, never run; a file
+    whose bytes changed, or that would expand beyond any file this project writes, is refused before."""
+    check_archive(Path(path), what)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for files that are not checkpoints
@@ -62,6 +68,36 @@ def safe_torch_load(path: Path, what: str) -> dict:
     if not isinstance(loaded, dict):
         raise UserError(f"{path} is not a {what}: it holds a {type(loaded).__name__}, not a dict")
     return loaded
+
+
+def check_archive(path: Path, what: str) -> None:
+    """Refuse a model file larger than MAX_LOAD_BYTES unread, and a zip archive that is damaged or a bomb.
+
+    torch.save writes a zip archive whose members carry a CRC-32, which torch.load never checks: a model
+    with a few changed bytes would load and give other answers. Every member is read and checked here, after
+    the sizes its archive declares are bounded (a zip bomb is refused before anything is expanded)."""
+    size = os.stat(path).st_size
+    if size > MAX_LOAD_BYTES:
+        raise UserError(f"{path} is {size / 1e9:.1f} GB, larger than any {what} this project reads or writes "
+                        f"(at most {MAX_LOAD_BYTES / 1e9:.1f} GB): refused unread")
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format, or not a PyTorch file at all: torch.load judges it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(member.file_size for member in archive.infolist())
+            # torch.save stores its members uncompressed: one that would expand several-fold is a zip bomb
+            bomb = expanded > min(MAX_LOAD_BYTES, 4 * size + 2**20)
+            # each member read, never past its declared size, and its CRC-32 compared
+            damaged = None if bomb else archive.testzip()
+    except Exception as error:  # zipfile and zlib raise many kinds for a damaged archive
+        raise UserError(f"{path} is damaged ({type(error).__name__}: {first_line(error)}): it is not the "
+                        f"{what} that was written") from None
+    if bomb:
+        raise UserError(f"{path} would expand from {size / 1e6:.1f} MB to {expanded / 1e6:.0f} MB, which no {what} "
+                        f"that torch.save writes does (a zip bomb?): refused unread")
+    if damaged:
+        raise UserError(f"{path} is damaged ({damaged} fails its CRC check: its bytes changed after it was "
+                        f"written); replace it with a good copy or train again")
 
 
 @contextlib.contextmanager
@@ -77,9 +113,11 @@ def atomic_write(path: Path) -> Iterator[str]:
         raise UserError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}, so it is "
                         f"not replaced: choose another file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temp_name = ""
     try:
+        # The name's first 40 characters (160 bytes at most): any legal name leaves room for the 14 added
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
+        os.close(handle)
         yield temp_name
         with open(temp_name, "rb+") as written:
             os.fsync(written.fileno())
@@ -96,7 +134,7 @@ def atomic_write(path: Path) -> Iterator[str]:
         raise OSError(errno.EIO, f"could not write {path} ({first_line(error)}); the file there before, if "
                       f"any, is unchanged") from None
     finally:
-        if os.path.exists(temp_name):
+        if temp_name and os.path.exists(temp_name):
             os.remove(temp_name)
 
 

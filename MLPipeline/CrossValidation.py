@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,23 +23,32 @@ from MLPipeline.Folders import find_presplit
 Head = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
 
 
-def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """The positions of `labels` cut into k folds (each sorted), every position in exactly one.
-
-    Each class's positions are shuffled by a generator of its own, seeded by (seed, class name) as
-    stratified_split does, then dealt round-robin, so each class has n_c // k or n_c // k + 1 images in every
-    fold. The deal goes on where the previous class stopped, so the fold sizes differ by at most one as well.
-    """
-    labels = np.asarray(labels)
+def check_fold_counts(labels: Sequence, k: int) -> None:
+    """UserError, naming the class, when a class has fewer images than folds: every fold needs one of each.
+    labels: a class name per image, so that the message names the user's folder."""
     if k < 2:
         raise UserError(f"--folds {k}: cross-validation needs at least 2 folds")
+    names, counts = np.unique(np.asarray(labels), return_counts=True)
+    for name, count in zip(names, counts):
+        if count < k:
+            raise UserError(f"class '{name}' has {count} images, fewer than --folds {k}: every fold needs one "
+                            f"of each class; lower --folds or add images")
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int, classes: list[str] | None = None) -> list[np.ndarray]:
+    """The positions of `labels` cut into k folds (each sorted), every position in exactly one.
+
+    Each class's positions are shuffled by a generator of its own, seeded by (seed, label) as
+    stratified_split does, then dealt round-robin, so each class has n_c // k or n_c // k + 1 images in every
+    fold. The deal goes on where the previous class stopped, so the fold sizes differ by at most one as well.
+    classes: the names of labels that are class indices, for the messages.
+    """
+    labels = np.asarray(labels)
+    check_fold_counts([classes[label] for label in labels] if classes else labels, k)
     folds: list[list[int]] = [[] for _ in range(k)]
     next_fold = 0
     for label in np.unique(labels):
         positions = np.flatnonzero(labels == label)
-        if len(positions) < k:
-            raise UserError(f"class '{label}' has {len(positions)} images, fewer than --folds {k}: every fold "
-                            f"needs one of each class; lower --folds or add images")
         rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(str(label)))])  # fsencode: any folder name
         for offset, position in enumerate(rng.permutation(positions)):
             folds[(next_fold + offset) % k].append(int(position))
@@ -61,7 +70,7 @@ def cross_validate(features: torch.Tensor, labels: torch.Tensor, classes: list[s
     label_array = labels.cpu().numpy()
     out_of_fold = torch.empty(len(labels), len(classes))
     rows = []
-    for number, held_out in enumerate(stratified_folds(label_array, k, seed), start=1):
+    for number, held_out in enumerate(stratified_folds(label_array, k, seed, classes), start=1):
         in_fold = np.zeros(len(labels), dtype=bool)
         in_fold[held_out] = True
         train_positions = torch.from_numpy(np.flatnonzero(~in_fold)).to(features.device)

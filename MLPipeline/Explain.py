@@ -19,6 +19,7 @@ from torch import nn
 from MLPipeline.Common import UserError, atomic_write, log
 from MLPipeline.CreateDataset import resize
 from MLPipeline.ImageFiles import BadImageError, read_image
+from MLPipeline.OutputFolder import drawn_elsewhere
 
 BATCH_SIZE = 16  # images per Grad-CAM pass: the backward pass keeps the activations of the whole stage
 DISPLAY_SIDE = 768  # big JPEGs are decoded reduced to about this side for the pictures: faster, nothing lost
@@ -130,6 +131,9 @@ def explain(model, image_or_path: str | Path | np.ndarray, class_name: str | Non
     return np.clip(heatmap, 0, 1), dict(zip(model.classes, probabilities[0].tolist()))
 
 
+EXPLANATION_NAMES = r"\d{4}-[\w-]*\.png"  # what explanation_name gives: the names explain_paths writes
+
+
 def explanation_name(position: int, path: str | Path) -> str:
     """'0003-scan_01.png': the position keeps names apart (two folders' a.jpg); the stem keeps only characters
     valid everywhere (a non-UTF-8 byte arrives as a lone surrogate, which is not alphanumeric)."""
@@ -195,7 +199,8 @@ def explain_evaluation(model, predictions, misclassified: np.ndarray, output_dir
         return misclassified
     folder = Path(output_dir) / "explained"
     for stale in folder.glob("*.png") if folder.is_dir() else []:  # a previous run's pictures would mislead
-        stale.unlink()
+        if not drawn_elsewhere(stale):  # a user's image there stays
+            stale.unlink()
     wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:len(misclassified)].tolist()
     correct = predictions[predictions.label == predictions.predicted].nsmallest(count, "confidence").index.tolist()
     rows = wrong + correct

@@ -10,6 +10,7 @@ onnxruntime is imported inside the functions that need it: importing MLPipeline 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -20,14 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from MLPipeline.Common import UserError, atomic_write, log, progress_reporter
+from MLPipeline.Common import UserError, atomic_write, check_archive, log, progress_reporter
 from MLPipeline.CreateDataset import to_model_input
+from MLPipeline.OutputFolder import check_write_target
 from MLPipeline.ResNet_Model import Classifier, check_model_file, check_model_info, load_checkpoint
 
 FORMATS = ("onnx", "pt2")
 EXPORT_FORMAT = "doc-classifier-export/1"  # marks a file as exported by this project
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_FILE = "metadata.json"  # the .pt2 archive's extra file
+DIGEST_KEY = "sha256"  # the ONNX metadata entry holding the digest of the rest of the file (model_digest)
 USAGE = ("input 'images': uint8 RGB, N x img_size x img_size x 3 (resized without keeping the aspect ratio, "
          "OpenCV INTER_AREA); scaling and normalisation are inside. Output 'logits': float32, N x classes, "
          "in the order of 'classes'; softmax gives probabilities.")
@@ -55,10 +58,7 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
         raise UserError(f"unknown export format '{file_format}': choose from {', '.join(FORMATS)}")
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(f".{file_format}")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as model.{file_format}")
-    if out.resolve() == model_path.resolve():
-        raise UserError(f"--out {out} is the model file itself; give another name, such as model.{file_format}")
+    check_write_target(out, "--out", folder=False, inputs=[model_path])
     network, checkpoint = load_checkpoint(model_path)
     check_free_space(out, checkpoint["state_dict"])
     model = Uint8Classifier(network).eval()
@@ -109,7 +109,22 @@ def write_onnx(program: torch.export.ExportedProgram, metadata: dict[str, str], 
                                      output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch())
     onnx_program.model.metadata_props.update(metadata)
     onnx_program.model.doc_string = USAGE
-    onnx_program.save(path)
+    model = onnx_program.model_proto
+    model.metadata_props.add(key=DIGEST_KEY, value=model_digest(model))
+    Path(path).write_bytes(model.SerializeToString())
+
+
+def model_digest(model) -> str:
+    """The sha256 of an ONNX ModelProto serialized without its DIGEST_KEY entry (removed from `model`), as a
+    JSON string like every other metadata value.
+
+    ONNX files carry no checksum, and ONNX Runtime runs changed weights as readily as the real ones: the
+    digest written at export catches a file whose bytes changed since.
+    """
+    kept = [entry for entry in model.metadata_props if entry.key != DIGEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    return json.dumps(hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest())
 
 
 def write_pt2(program: torch.export.ExportedProgram, metadata: dict[str, str], path: str) -> None:
@@ -163,16 +178,23 @@ def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
                         f"use --device cpu or auto")
     path = Path(path)
     check_model_file(path, "export one with `python engine.py export`")
-    import onnxruntime  # a second or so to import, and only this path needs it
+    import onnx  # with onnxruntime, a second or so to import, and only this path needs them
+    import onnxruntime
+    check_archive(path, "ONNX model")  # its size, before it is read
+    data = path.read_bytes()
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as error:  # ONNX Runtime raises its own kinds for files it cannot use
+        model = onnx.load_model_from_string(data)
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnx and ONNX Runtime raise their own kinds for files they cannot use
         raise UserError(f"{path} is not a readable ONNX model (corrupt, truncated or not ONNX: "
                         f"{type(error).__name__})") from None
-    metadata = session.get_modelmeta().custom_metadata_map
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
     if metadata.get("export_format") != json.dumps(EXPORT_FORMAT):
         raise UserError(f"{path} is an ONNX model, but not one exported by this project (its metadata lacks "
                         f"export_format); export one with `python engine.py export`")
+    if metadata.get(DIGEST_KEY) != model_digest(model):
+        raise UserError(f"{path} is damaged (its bytes changed after export: they no longer match the digest "
+                        f"written with them); export it again")
     try:
         info = {key: json.loads(value) for key, value in metadata.items()}
     except ValueError:

@@ -75,6 +75,8 @@ def load_cache(folder: Path, fingerprint: str, width: int) -> FeatureCache:
 def save_cache(cache: FeatureCache) -> None:
     """Write the cache atomically; a folder that cannot be written costs the next run time, not this run."""
     keys = sorted(cache.rows, key=cache.rows.get)
+    for leftover in cache.path.parent.glob(f".{cache.path.name}.*.tmp"):  # a run killed while writing it
+        leftover.unlink(missing_ok=True)
     try:
         with atomic_write(cache.path) as temp_name:
             torch.save({"format": CACHE_FORMAT, "fingerprint": cache.fingerprint, "keys": keys,

@@ -46,7 +46,16 @@ def not_image_reason(path: Path) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and not is_passed_over(path.name) and not not_image_reason(path)
+    return os.path.isfile(path) and not is_passed_over(path.name) and not not_image_reason(path)
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder, links followed; False when that cannot be known (a link into a folder the
+    run may not search, a link loop): it is then listed as a file, and decoding names why it cannot be read."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -74,11 +83,11 @@ def folder_key(folder: Path) -> tuple[int, int]:
 def find_files(folder: Path, seen: dict[tuple[int, int], Path]) -> tuple[list[Path], int]:
     """Every file under `folder` in path order, symlinked folders followed; and how many entries were passed over.
 
-    An unreadable folder is named and passed over. A folder in `seen` (met before: a symlink loop, or a second
-    link to it) is named once and not followed again, so a loop cannot list files forever.
+    An unreadable folder is named and passed over. A folder `seen` under another path (met before: a symlink
+    loop, or a second link to it) is named once and not followed again, so a loop cannot list files forever.
     """
     key = folder_key(folder)
-    if key in seen:
+    if seen.get(key, folder) != folder:
         log.warning("warning: folder %s leads back to %s (a symlink loop or a second link); not followed again",
                     folder, seen[key])
         return [], 0
@@ -93,7 +102,7 @@ def find_files(folder: Path, seen: dict[tuple[int, int], Path]) -> tuple[list[Pa
         path = folder / entry.name
         if is_passed_over(entry.name):
             passed_over += 1
-        elif entry.is_dir():  # follows symlinks
+        elif is_folder(entry):  # follows symlinks
             found, passed = find_files(path, seen)
             files, passed_over = files + found, passed_over + passed
         else:  # a file, or a broken link: decoding will name it
@@ -112,9 +121,19 @@ def index_folder(folder: Path) -> pd.DataFrame:
     """
     folder = Path(folder)
     entries = folder_entries(folder)  # the data folder itself must be readable
+    # Real class folders first, each known before any is read: a link to one of them (a class folder that is
+    # a link, or a link inside another class) is not followed, so its images are used once, under its name.
+    class_dirs = sorted((folder / entry.name for entry in entries if is_folder(entry)
+                         and not is_passed_over(entry.name)), key=os.path.islink)
+    seen = {folder_key(folder): folder, **{folder_key(path): path for path in class_dirs if not path.is_symlink()}}
     rows, passed_over = [], 0
-    for class_dir in (folder / entry.name for entry in entries if entry.is_dir() and not is_passed_over(entry.name)):
-        files, passed = find_files(class_dir, {folder_key(folder): folder})
+    for class_dir in class_dirs:
+        first = seen.get(folder_key(class_dir), class_dir)
+        if first not in (class_dir, folder):  # a link to the data folder is a loop: find_files names it
+            log.warning("warning: class folder %s is a link to %s, read already: its images are used once, "
+                        "under '%s'", class_dir, first, first.name)
+            continue
+        files, passed = find_files(class_dir, seen)
         passed_over += passed
         reasons = [not_image_reason(path) for path in files]
         if all(reasons):
@@ -137,7 +156,7 @@ def index_folder(folder: Path) -> pd.DataFrame:
 def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
     subfolders = {entry.name.lower(): Path(data_dir) / entry.name for entry in folder_entries(Path(data_dir))
-                  if entry.is_dir() and not is_passed_over(entry.name)}
+                  if is_folder(entry) and not is_passed_over(entry.name)}
     for train_name, test_name in PRESPLIT_PAIRS:
         if train_name in subfolders and test_name in subfolders:
             train_dir, test_dir = subfolders[train_name], subfolders[test_name]

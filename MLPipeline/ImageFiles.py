@@ -85,6 +85,22 @@ def read_header(data: np.ndarray, max_pixels: int) -> tuple[int, int, str]:
     return width, height, image_format
 
 
+def image_software(path: str | Path) -> str | None:
+    """None when the file is not an image, judged by its content as Pillow reads headers (whatever its name);
+    else the program that wrote it as the image says (a PNG's "Software" text: "Matplotlib version..." on
+    this project's plots), "" when it does not say."""
+    register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as header:  # reads the header and a PNG's text before its pixels
+                return str(header.info.get("Software", ""))
+    except Image.DecompressionBombError:
+        return ""
+    except Exception:  # Pillow raises many kinds for what is not an image
+        return None
+
+
 @functools.cache
 def register_heif() -> None:
     """Let Pillow open HEIC/HEIF phone photos (pillow-heif applies their rotation); once, at the first decode."""

@@ -13,25 +13,70 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from MLPipeline.Common import UserError, log
+from MLPipeline.ImageFiles import image_software
 
 LOCK_NAME = ".run.lock"  # in the output folder while a run writes there: who holds it
 OWNER = re.compile(r"PID \d+ on [^\s]{1,255}")  # what take_lock writes; anything else is not our file
 LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_write's temporary files (mkstemp names)
+DRAWN_HERE = "Matplotlib"  # how the PNGs this project draws (plots, explanations) name their Software
+TRAIN_IMAGES = r"(loss_curve|confusion_matrix)\.png"  # the images train writes in its output folder
 
 
-def check_output_dir(output_dir: Path, data_dir: Path | None = None) -> None:
-    """An output folder may not exist yet, but must not be a file, nor lie inside the data folder (a second
-    run would index the first one's plots as a class of images): checked before any work is done."""
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise UserError(f"output folder {output_dir} is a file; choose a folder with --output-dir")
-    output = Path(output_dir).resolve()
-    if data_dir is not None and Path(data_dir).resolve() in (output, *output.parents):
-        raise UserError(f"the output folder {output_dir} is inside the data folder {data_dir}: its plots would be "
-                        f"read as images of a class; choose an --output-dir outside it")
+def check_write_target(target: Path, flag: str, *, folder: bool, inputs: Iterable[Path] = (),
+                       data_dirs: Iterable[Path] = (), writes: str = "") -> None:
+    """The one check of every option that writes, before any work: UserError naming `flag` and `target` when
+    the target would cost the user a file or feed a later run its outputs.
+
+    Refused: a link, a FIFO or a device; a file where a folder is wanted (folder=True) or the reverse; one of
+    the command's `inputs` (a model, an image); a place inside (or equal to) one of the `data_dirs` it reads
+    (a later run would read the outputs as data); an image (by content, whatever its name) as a file target;
+    in a folder target, an image at a name the command writes (`writes`, a regular expression of names)
+    that this project did not draw. An earlier output of the same kind (a CSV, an ONNX file, our plots) may be
+    replaced: outputs are only ever written whole (atomic_write).
+    """
+    target, kind = Path(target), "folder" if folder else "file"
+    if target.is_symlink():
+        raise UserError(f"{flag} {target} is a symbolic link: outputs are never written through a link (it could "
+                        f"lead to anyone's files); give the real path or another {kind}")
+    if target.exists():
+        mode = target.stat().st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise UserError(f"{flag} {target} is not a regular file or folder (a FIFO, a device or a socket): "
+                            f"give another {kind}")
+        if folder != stat.S_ISDIR(mode):
+            raise UserError(f"{flag} {target} is a {'file' if folder else 'folder'}; give a {kind} "
+                            f"(a new name is created)")
+    for path in inputs:
+        if is_same_path(target, Path(path)):
+            raise UserError(f"{flag} {target} is {path}, an input of this command: give another {kind}")
+    resolved = target.resolve()
+    for data_dir in data_dirs:
+        if Path(data_dir).resolve() in (resolved, *resolved.parents):
+            raise UserError(f"{flag} {target} is inside the data folder {data_dir}, which this command reads: "
+                            f"its outputs would be read as images; choose a {kind} outside it")
+    if not folder and target.is_file() and image_software(target) is not None:
+        raise UserError(f"{flag} {target} is an existing image: give a new file name")
+    for path in (target.iterdir() if folder and writes and target.is_dir() else ()):
+        if re.fullmatch(writes, path.name) and path.is_file() and drawn_elsewhere(path):
+            raise UserError(f"{flag} {target} holds {path.name}, an image this project did not draw, where it "
+                            f"would write one of that name: choose another {kind}")
+
+
+def drawn_elsewhere(path: Path) -> bool:
+    """An image (by content) that this project's plots and explanations are not: a user's, never replaced."""
+    software = image_software(path)
+    return software is not None and not software.startswith(DRAWN_HERE)
+
+
+def is_same_path(first: Path, second: Path) -> bool:
+    """Whether two paths name one file or folder (links, hard links and `..` seen through)."""
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
 
 
 @contextlib.contextmanager

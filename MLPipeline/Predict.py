@@ -1,6 +1,7 @@
 """Using a trained model: load it, classify images, score a labelled folder. Nothing here trains."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from MLPipeline.Distributed import is_main_process, sharded, start_distributed
 from MLPipeline.Explain import explain_evaluation
 from MLPipeline.Export import OnnxModel, load_onnx_model
 from MLPipeline.Folders import check_data_dir, find_presplit, index_folder, list_images
-from MLPipeline.OutputFolder import check_output_dir, output_lock
+from MLPipeline.OutputFolder import check_write_target, output_lock
 from MLPipeline.ResNet_Model import Classifier, forward_batches, inference_batch_size, load_checkpoint, prepare_model
 
 
@@ -59,11 +60,12 @@ def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> Tr
                         tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info, checkpoint["temperature"])
 
 
-def expand_inputs(inputs: list) -> list:
-    """Folders become the image files under them (recursively); files and arrays pass through."""
+def expand_inputs(inputs: list | str | Path) -> list:
+    """Folders become the image files under them (recursively); files and arrays pass through. A single path
+    (a str or Path, not in a list) is one input: iterating over its characters would read the whole disk."""
     expanded = []
-    for item in inputs:
-        if isinstance(item, (str, Path)) and Path(item).is_dir():
+    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        if isinstance(item, (str, Path)) and os.path.isdir(item):  # False, not an error, where it cannot be known
             expanded += [str(path) for path in list_images(Path(item))]
         else:
             expanded.append(item)
@@ -80,9 +82,9 @@ def file_logits(model: TrainedModel | OnnxModel, paths: list[str], batch_size: i
     return logits, positions, failed
 
 
-def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | None = None,
+def predict(model: TrainedModel | OnnxModel, inputs: list | str | Path, batch_size: int | None = None,
             max_pixels: int | None = None, workers: int = 0, min_confidence: float | None = None) -> pd.DataFrame:
-    """Classify image paths, folders or RGB uint8 arrays; one row per image.
+    """Classify image paths, folders or RGB uint8 arrays (a list of them, or one path); one row per image.
 
     Columns: input, label, confidence, one probability column per class (calibrated by the model's temperature),
     with min_confidence a `decision` column (the label, or `review` below that probability), and error (empty
@@ -104,8 +106,8 @@ def predict(model: TrainedModel | OnnxModel, inputs: list, batch_size: int | Non
         errors[position] = failed.get(path, "")
     arrays = [position for position, item in enumerate(items) if isinstance(item, np.ndarray)]
     for position in arrays:
-        if items[position].ndim != 3 or items[position].shape[2] != 3 or items[position].dtype != np.uint8:
-            array = items[position]
+        array = items[position]
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or 0 in array.shape:
             errors[position] = f"arrays must be H x W x 3 uint8 RGB, not {array.shape} {array.dtype}"
     good_arrays = [position for position in arrays if not errors[position]]
     if good_arrays:
@@ -139,6 +141,9 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
     return results
 
 
+EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration)\.png"  # what evaluate draws in its folder
+
+
 def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,
              max_examples: int = 36, workers: int = 0, explain_count: int = 0,
              min_confidence: float | None = None) -> dict:
@@ -151,7 +156,7 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
     min_confidence, how many images go to review.
     """
     check_data_dir(data_dir)
-    check_output_dir(output_dir)
+    check_write_target(output_dir, "--output-dir", folder=True, data_dirs=[data_dir], writes=EVALUATION_IMAGES)
     if (Path(output_dir) / "model.pt").exists():
         raise UserError(f"{output_dir} holds a trained model and its outputs, which evaluate would overwrite: "
                         f"choose another --output-dir")

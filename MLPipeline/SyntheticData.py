@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from MLPipeline.Common import UserError
 from MLPipeline.Folders import list_images
+from MLPipeline.OutputFolder import check_write_target
 
 CLASS_NAMES = ("driving_license", "social_security", "others")
 
@@ -734,8 +735,7 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
     if seed < 0:
         raise UserError(f"--seed must be 0 or more, got {seed}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a folder")
+    check_write_target(out_dir, "--out", folder=True)
     existing = list_images(out_dir) if out_dir.is_dir() else []
     if existing and not force:
         raise UserError(f"{out_dir} already holds {len(existing)} images; "

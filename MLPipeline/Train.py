@@ -26,7 +26,7 @@ from MLPipeline.CreateDataset import (CreateDataset, ImageDataset, build_index, 
                                       image_batches, mark_skipped, unreadable, usable)
 from MLPipeline.Distributed import data_parallel, gather, gather_shares, my_share, start_distributed, world
 from MLPipeline.FeatureCache import FeatureCache, content_key, fingerprint, load_cache, save_cache
-from MLPipeline.OutputFolder import check_output_dir, output_lock
+from MLPipeline.OutputFolder import TRAIN_IMAGES, check_write_target, output_lock
 from MLPipeline.ResNet_Model import (Classifier, build_model, checkpoint_dict, forward_batches, inference_batch_size,
                                      optimizer_for, prepare_model, save_checkpoint)
 
@@ -45,9 +45,13 @@ class TrainingRun:
 
 def train(config: TrainConfig) -> TrainingRun:
     """The recipe; its outputs go to config.output_dir, locked for the run (a second run there stops at once)."""
+    # The folders it writes, checked before any work: no link, no file of the user's, nothing inside the data.
+    check_write_target(config.output_dir, "--output-dir", folder=True, data_dirs=[config.data_dir],
+                       writes=TRAIN_IMAGES)
+    if config.cache_dir:
+        check_write_target(config.cache_dir, "--cache-dir", folder=True, data_dirs=[config.data_dir])
     # torchrun starts this program once per device: each process joins the job here and trains on its share
     # of the images (DDP below averages their gradients); rank 0 alone logs and writes. Alone: rank 0 of 1.
-    check_output_dir(config.output_dir, config.data_dir)  # before any work: a bad folder costs no time
     device = start_distributed(pick_device(config.device))
     rank, world_size = world()
     with output_lock(config.output_dir) if rank == 0 else contextlib.nullcontext():
@@ -55,6 +59,9 @@ def train(config: TrainConfig) -> TrainingRun:
         # 1. Index: a row per file (path, label, split, why it is skipped), the class being its folder.
         index = build_index(config.data_dir, config.test_size, config.seed, config.val_size, config.dedupe)
         classes = sorted(index.label.unique())
+        if config.folds:  # before the features are computed: each class must have an image in every fold
+            from MLPipeline.CrossValidation import check_fold_counts
+            check_fold_counts(usable(index).label.tolist(), config.folds)
         # 2. The model: an ImageNet backbone, frozen by default, and a new linear head for our classes.
         torch.manual_seed(config.seed)  # the head's initial weights
         model, provenance = build_model(len(classes), config.backbone, config.weights, config.unfreeze)
@@ -187,7 +194,8 @@ def read_features(backbone, model: Classifier, index: pd.DataFrame, classes: lis
     features = torch.empty(len(keys), model.head.in_features)  # a row per file, in the index's order
     found = [position for position, key in enumerate(keys) if key in cache.rows]
     features[found] = cache.features[[cache.rows[keys[position]] for position in found]]
-    features[done] = computed
+    if done:  # a run that found everything in the cache computed nothing
+        features[done] = computed
     if skipped:  # the files that did not decode have no features
         read = ~rows.path.isin(list(skipped)).to_numpy()
         rows, keys, features = rows[read], [key for key, kept in zip(keys, read) if kept], features[read]

@@ -38,6 +38,15 @@ def make_image_folder(root: Path, classes: tuple[str, ...] = ("alpha", "beta", "
     return root
 
 
+def train_tiny_model(folder: Path) -> tuple[Path, Path]:
+    """A ResNet18 trained for one epoch on folder/data (make_image_folder's): (data folder, output folder)."""
+    from MLPipeline import TrainConfig, train
+    data = make_image_folder(folder / "data")
+    train(TrainConfig(data_dir=data, output_dir=folder / "out", img_size=32, weights="none", epochs=1,
+                      backbone="resnet18", workers=0))
+    return data, folder / "out"
+
+
 def run_engine(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python engine.py ARGS` in a fresh process, output captured as text."""
     return subprocess.run([sys.executable, str(ENGINE), *map(str, args)], cwd=cwd or ROOT, capture_output=True,

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from MLPipeline import SyntheticData
+from MLPipeline.Export import DIGEST_KEY, model_digest
 from MLPipeline.OutputFolder import LOCK_NAME
-from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
+from tests.conftest import ENGINE, FAST, ROOT, make_image_folder, train_tiny_model
 from tests.test_bad_input import assert_user_error, fake_previous_outputs, snapshot
 
 FAST_TRAIN = [*FAST, "--backbone", "resnet18", "--workers", "0"]
@@ -30,13 +31,10 @@ FAST_TRAIN = [*FAST, "--backbone", "resnet18", "--workers", "0"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny trained model and its export, shared by the tests that only read them."""
-    from MLPipeline import TrainConfig, export_model, train
-    folder = tmp_path_factory.mktemp("hostile")
-    data = make_image_folder(folder / "data")
-    train(TrainConfig(data_dir=data, output_dir=folder / "out", img_size=32, weights="none", epochs=1,
-                      backbone="resnet18", workers=0))
-    export_model(folder / "out" / "model.pt", "onnx")
-    return data, folder / "out"
+    from MLPipeline import export_model
+    data, output = train_tiny_model(tmp_path_factory.mktemp("hostile"))
+    export_model(output / "model.pt", "onnx")
+    return data, output
 
 
 def copy_of(data, target):
@@ -208,7 +206,15 @@ def edited_onnx(source, target, change) -> None:
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
+    model.metadata_props.add(key=DIGEST_KEY, value=model_digest(model))  # an edit made with care: its checks
     onnx.save(model, target)
+
+
+def test_an_onnx_export_with_changed_bytes_is_refused(trained, tmp_path, cli):
+    raw = bytearray((trained[1] / "model.onnx").read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # inside the weights: ONNX Runtime would run it all the same
+    (tmp_path / "model.onnx").write_bytes(bytes(raw))
+    assert_user_error(cli("predict", trained[0], "--model", tmp_path / "model.onnx"), "model.onnx", "damaged")
 
 
 @pytest.mark.parametrize("change", ["fewer classes", "more classes", "classes a dict", "bad JSON", "no classes",

@@ -235,3 +235,13 @@ def test_progress_of_batches_without_files_counts_their_rows(monkeypatch, caplog
         outputs = forward_batches(lambda rows: rows * 2, batches, CPU, len(features), "scoring")[0]
     torch.testing.assert_close(outputs, features * 2)
     assert "scoring: 8/40" in caplog.text
+
+
+def test_a_custom_cache_folder_loses_the_leftover_of_a_killed_run(data, tmp_path):
+    run(data, tmp_path / "out", cache_dir=tmp_path / "features")
+    [cache_file] = (tmp_path / "features").glob("features-*.pt")
+    leftover = tmp_path / "features" / f".{cache_file.name}.k1ll3d00.tmp"  # atomic_write's name, half written
+    leftover.write_bytes(b"half a cache")
+    cv2.imwrite(str(data / "beta" / "new.png"), np.full((40, 48, 3), 90, np.uint8))  # new features to save
+    run(data, tmp_path / "out", cache_dir=tmp_path / "features", lr=0.01)
+    assert not leftover.exists()

@@ -21,7 +21,7 @@ SETTINGS = dict(img_size=32, weights="none", backbone="resnet18", workers=0)
 def calibrated(tmp_path_factory):
     """A model trained with a validation split, so with a fitted temperature; shared by the tests that read it."""
     folder = tmp_path_factory.mktemp("calibrated")
-    data = make_image_folder(folder / "data", per_class=12)
+    data = make_image_folder(folder / "data", per_class=20)  # 12 validation images: enough to fit T on
     run = train(TrainConfig(data_dir=data, output_dir=folder / "output", epochs=3, val_size=0.25, **SETTINGS))
     return data, folder / "output", run
 
