@@ -2,7 +2,7 @@
 fixed one bug at a time, cumulatively, back to this project's recipe.
 
     python benchmarks/original_baseline.py --data PATH      # PATH holds Training_data/ and Testing_Data/
-    python benchmarks/original_baseline.py --weights resnet50-11ad3fa6.pth   # every row on ResNet50, as the original
+    python benchmarks/original_baseline.py --weights resnet50-11ad3fa6.pth   # every row on ResNet50
     python benchmarks/original_baseline.py --seeds 1 --epochs 1 --rows 0,6   # a quick look on a slow CPU
 
 The data is the original's public Training_data/ + Testing_Data/ (3 classes, 200 + 50 images each); the
@@ -261,7 +261,8 @@ def points(value: float, signed: bool = False) -> str:
 
 
 def describe(provenance: dict) -> str:
-    return f"{provenance['arch']}, {provenance['weights_source'] if provenance['pretrained'] else 'RANDOM INIT'}"
+    weights = provenance["weights_source"] if provenance["pretrained"] else "RANDOM INIT"
+    return f"{provenance['arch']}, {weights}"
 
 
 def short(provenance: dict) -> str:
@@ -294,7 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with Training_data/ and "
                         "Testing_Data/ (default: ../shared/data/original-project next to the project)")
     parser.add_argument("--weights", default="auto", help="a resnet50 state dict (torchvision's "
-                        "resnet50-11ad3fa6.pth); default auto: torchvision's cache, else EfficientNet-Lite0 from pip")
+                        "resnet50-11ad3fa6.pth); default auto: torchvision's cache, else EfficientNet-Lite0 "
+                        "from pip")
     parser.add_argument("--backbone", default="resnet50", help="the backbone (default: the original's "
                         "%(default)s; a small one makes a quick test)")
     parser.add_argument("--seeds", type=int, default=5, help="runs of each row, seeds 0, 1, ... (default "
@@ -314,7 +316,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(f"$ python benchmarks/original_baseline.py {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    shown = shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"$ python benchmarks/original_baseline.py {shown}".rstrip())
     started = time.perf_counter()
     folders = {"training": args.data / "Training_data", "test": args.data / "Testing_Data"}
     if not all(folder.is_dir() for folder in folders.values()):
@@ -336,7 +339,8 @@ def run_benchmark(args: argparse.Namespace, folders: dict[str, Path]) -> None:
     classes = sorted(entry.name for entry in folders["training"].iterdir()
                      if entry.is_dir() and entry.name != ".DS_Store")
     model_rows = [number for number in args.rows if number < CHECK_ROW]
-    readers = sorted({ROWS[number].reader for number in model_rows}, key=["published", "colour", "project"].index)
+    readers = [reader for reader in ("published", "colour", "project")
+               if any(ROWS[number].reader == reader for number in model_rows)]
     logging.getLogger("MLPipeline").setLevel(logging.ERROR)  # skips are listed below, with the other loaders'
     splits = {(reader, name): load_split(folder, reader, args.img_size)
               for reader in readers for name, folder in folders.items()}
@@ -352,7 +356,8 @@ def run_benchmark(args: argparse.Namespace, folders: dict[str, Path]) -> None:
         f"them in torchvision's cache), and no figure below is {args.backbone}'s.")
     print(f"Backbone of every row: {describe(provenance)}.{instead}")
     print(f"Torch {torch.__version__}, {torch.get_num_threads()} CPU threads (load average "
-          f"{os.getloadavg()[0]:.1f}); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batches of {BATCH_SIZE}, Adam {LR:g} on the head; "
+          f"{os.getloadavg()[0]:.1f}); {args.epochs} epoch{'s' if args.epochs > 1 else ''}, batches of "
+          f"{BATCH_SIZE}, Adam {LR:g} on the head; "
           f"seeds {', '.join(map(str, range(args.seeds)))}; published head {HIDDEN} hidden, dropout {DROPOUT} "
           f"(assumed: not published).\n")
     print("| # | row | test images | correct per seed | mean | std | min | max | train loss, epoch 1 -> last "
@@ -379,14 +384,17 @@ def run_benchmark(args: argparse.Namespace, folders: dict[str, Path]) -> None:
                 trained = train_run(pristine, row, train_split, seed, args.epochs,
                                     None if features is None else features[0])
             current[seed] = (training, trained)
-            correct.append(correct_count(trained, row, test_split, seed, None if features is None else features[1]))
+            test_features = None if features is None else features[1]
+            correct.append(correct_count(trained, row, test_split, seed, test_features))
             losses.append((trained.losses[0], trained.losses[-1]))
         count = len(test_split.labels)
         accuracies[number] = [100 * k / count for k in correct]
         mean, std, low, high = spread(accuracies[number])
         loss = f"{np.mean([first for first, _ in losses]):.3f} -> {np.mean([last for _, last in losses]):.3f}"
-        print(f"| {number} | {row.name} | {count} | {' '.join(map(str, correct))} (of {count}) | {points(mean)}% "
-              f"| {points(std)} | {points(low)}% | {points(high)}% | {loss} | {time.perf_counter() - row_started:.0f} s"
+        print(f"| {number} | {row.name} | {count} | {' '.join(map(str, correct))} (of {count}) | "
+              f"{points(mean)}% "
+              f"| {points(std)} | {points(low)}% | {points(high)}% | {loss} | "
+              f"{time.perf_counter() - row_started:.0f} s"
               f"{shared} | {short(provenance)} |", flush=True)
         previous = current
     if CHECK_ROW in args.rows:
@@ -404,7 +412,8 @@ def recipe_check(args: argparse.Namespace, provenance: dict) -> str:
     truth = torch.tensor([run.classes.index(Path(path).parent.name) for path in run.test_paths])
     correct, count = int((run.test_logits.argmax(1) == truth).sum()), len(truth)
     return (f"| {CHECK_ROW} | check: MLPipeline.train() as a user runs it (its seed {RECIPE_SEED}) | {count} | "
-            f"{correct} (of {count}) | {100 * correct / count:.2f}% | | | | | {time.perf_counter() - started:.0f} s | "
+            f"{correct} (of {count}) | {100 * correct / count:.2f}% | | | | | "
+            f"{time.perf_counter() - started:.0f} s | "
             f"{short(run.metrics)} |")
 
 

@@ -58,7 +58,8 @@ def test_the_published_loader_gives_bgr_0_to_255_reshaped_not_transposed(folder)
     assert np.array_equal(published, np.reshape(bgr.astype(np.float64), (3, SIZE, SIZE)))
     assert not np.array_equal(published, bgr.transpose(2, 0, 1))
     # The fix: a transpose; from row 3 on, RGB from the project's decoder, in [0, 1].
-    assert np.array_equal(baseline.as_network_input(loaded, baseline.ROWS[2])[0].numpy(), bgr.transpose(2, 0, 1))
+    fixed = baseline.as_network_input(loaded, baseline.ROWS[2])[0].numpy()
+    assert np.array_equal(fixed, bgr.transpose(2, 0, 1))
     rgb = baseline.load_split(folder, "project", SIZE).images[1:2]
     assert np.array_equal(rgb[0].numpy(), bgr[..., ::-1])
     recipe = baseline.as_network_input(rgb, baseline.ROWS[6])[0].numpy()
