@@ -3,6 +3,7 @@ benchmark's smallest run end to end, on tiny generated images (no network, no sh
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import sys
 from pathlib import Path
@@ -98,8 +99,10 @@ def make_dataset(root: Path) -> Path:
     return root
 
 
-def test_the_smallest_configuration_runs_end_to_end(tmp_path, capsys):
+def test_the_smallest_configuration_runs_end_to_end(tmp_path, capsys, monkeypatch):
     data = make_dataset(tmp_path / "data")
+    project_log = logging.getLogger("MLPipeline")
+    monkeypatch.setattr(project_log, "level", project_log.level)  # the script quiets it: not the tests after
     baseline.main(["--data", str(data), "--backbone", "resnet18", "--weights", "none", "--img-size", "32",
                    "--seeds", "2", "--epochs", "1", "--rows", "0,3,4,6,7"])
     out = capsys.readouterr().out
