@@ -121,20 +121,16 @@ def test_an_image_edited_in_place_with_its_size_and_time_kept_is_computed_again(
     assert decode_count["files"] == 1
 
 
-def test_a_warm_cache_skips_what_a_cold_run_skips(data, tmp_path):
+def test_a_warm_cache_skips_what_a_cold_run_skips(data, tmp_path, cli):
     run(data, tmp_path / "out")
     limited = 40 * 48 - 1  # every tiny image has 40 x 48 pixels: over this limit, all are skipped
-    warm = cli_run(data, tmp_path / "out", limited)
-    cold = cli_run(data, tmp_path / "cold", limited)
+    settings = ["--data-dir", data, "--img-size", IMG_SIZE, "--weights", "none", "--backbone", "resnet18",
+                "--epochs", 1, "--workers", 0, "--max-pixels", limited]
+    warm = cli(*settings, "--output-dir", tmp_path / "out")
+    cold = cli(*settings, "--output-dir", tmp_path / "cold")
     assert warm.returncode == cold.returncode == 2
     assert warm.stderr.splitlines()[-1] == cold.stderr.splitlines()[-1]
     assert "too large" in warm.stderr
-
-
-def cli_run(data, output_dir, max_pixels):
-    from tests.conftest import run_engine
-    return run_engine("--data-dir", data, "--output-dir", output_dir, "--img-size", IMG_SIZE, "--weights", "none",
-                      "--backbone", "resnet18", "--epochs", 1, "--workers", 0, "--max-pixels", max_pixels)
 
 
 def test_other_weights_and_settings_do_not_share_a_cache(model):
