@@ -169,8 +169,7 @@ def image_batches(paths: list[str], img_size: int, batch_size: int, workers: int
     `workers` processes decode ahead of the network (ResNet_Model.forward_batches runs it), so decoding
     overlaps compute and memory holds a few batches, never the dataset."""
     return DataLoader(ImageDataset(paths, img_size, targets, max_pixels), batch_size,
-                      sampler=sampler or range(len(paths)), num_workers=workers, collate_fn=decoded_batch,
-                      pin_memory=pin_memory)
+                      sampler=sampler, num_workers=workers, collate_fn=decoded_batch, pin_memory=pin_memory)
 
 
 def unreadable(paths: list[str], img_size: int, workers: int = 0, max_pixels: int | None = None) -> dict[str, str]:
