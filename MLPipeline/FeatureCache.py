@@ -60,27 +60,29 @@ def load_cache(folder: Path, fingerprint: str, width: int) -> FeatureCache:
         return empty
     try:
         stored = safe_torch_load(path, "feature cache")
-        keys, features = stored["keys"], stored["features"]
+        keys, rows, features = stored["keys"], stored["rows"], stored["features"]
         if stored["format"] != CACHE_FORMAT or stored["fingerprint"] != fingerprint:
             raise ValueError("made for another backbone or format")
-        if features.shape != (len(keys), width) or not features.isfinite().all():
-            raise ValueError(f"its features are not {len(keys)} finite rows of the backbone's width {width}")
+        if features.ndim != 2 or features.shape[1] != width or not features.isfinite().all():
+            raise ValueError(f"its features are not finite rows of the backbone's width {width}")
+        if len(rows) != len(keys) or not all(0 <= row < len(features) for row in rows):
+            raise ValueError("its keys and rows do not match")
     except (UserError, KeyError, TypeError, ValueError, AttributeError) as error:
         log.warning("warning: feature cache %s is unusable (%s); computing the features again", path,
                     first_line(error))
         return empty
-    return FeatureCache(path, fingerprint, {key: row for row, key in enumerate(keys)}, features)
+    return FeatureCache(path, fingerprint, dict(zip(keys, rows)), features)
 
 
 def save_cache(cache: FeatureCache) -> None:
     """Write the cache atomically; a folder that cannot be written costs the next run time, not this run."""
-    keys = sorted(cache.rows, key=cache.rows.get)
+    keys = list(cache.rows)  # files with the same bytes share a key: fewer keys than rows, then
     for leftover in cache.path.parent.glob(f".{cache.path.name}.*.tmp"):  # a run killed while writing it
         leftover.unlink(missing_ok=True)
     try:
         with atomic_write(cache.path) as temp_name:
             torch.save({"format": CACHE_FORMAT, "fingerprint": cache.fingerprint, "keys": keys,
-                        "features": cache.features}, temp_name)
+                        "rows": [cache.rows[key] for key in keys], "features": cache.features}, temp_name)
     except (OSError, UserError) as error:
         log.warning("warning: the feature cache was not saved (%s); the next run computes the features again",
                     first_line(error))

@@ -141,7 +141,7 @@ def test_other_weights_and_settings_do_not_share_a_cache(model):
     assert fingerprint(model, "resnet18", IMG_SIZE, 10**6) != fingerprint(model, "resnet18", IMG_SIZE, 10**5)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "wrong-width", "changed-bytes"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "wrong-width", "rows-past-the-end", "changed-bytes"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(data, tmp_path, caplog, decode_count, damage):
     expected = run(data, tmp_path / "out")
     [path] = (tmp_path / "out" / "cache").glob("features-*.pt")
@@ -154,6 +154,9 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(data, tmp_path, caplog, decod
     elif damage == "wrong-width":  # right format and fingerprint: features that would fail in the head, far away
         stored = torch.load(path, weights_only=True)
         torch.save({**stored, "features": stored["features"][:, :10]}, path)
+    elif damage == "rows-past-the-end":
+        stored = torch.load(path, weights_only=True)
+        torch.save({**stored, "rows": [row + 1000 for row in stored["rows"]]}, path)
     else:  # a few bytes of the stored features changed: the zip's CRC no longer matches
         raw = bytearray(path.read_bytes())
         at = raw.find(stored_cache(tmp_path / "out")["features"][0].numpy().tobytes()[:16])
@@ -166,6 +169,16 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(data, tmp_path, caplog, decod
     assert decode_count["files"] == len(paths_of(data))
     torch.testing.assert_close(again.test_logits, expected.test_logits)
     assert len(stored_cache(tmp_path / "out")["keys"]) == len(paths_of(data))  # sound again
+
+
+def test_copies_of_a_file_share_its_features_and_a_second_run_reads_them_all(data, tmp_path, decode_count):
+    (data / "beta" / "copy.png").write_bytes((data / "alpha" / "001.png").read_bytes())  # the same bytes
+    run(data, tmp_path / "out")
+    decode_count["files"] = 0
+    run(data, tmp_path / "out", lr=0.01)
+    assert decode_count["files"] == 0  # every file from the cache, the copy too
+    stored = stored_cache(tmp_path / "out")
+    assert len(stored["keys"]) == len(paths_of(data)) - 1 and len(stored["features"]) == len(paths_of(data))
 
 
 def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(data, tmp_path, caplog, monkeypatch):
