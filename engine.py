@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
-from MLPipeline.Train import TrainConfig, train
-from MLPipeline.Config import OPTIONS, add_arguments, check_option  # noqa: I001 (after Train: the recipe first)
-from MLPipeline.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging
+from MLPipeline.Train import train  # the recipe
+from MLPipeline.extras import Run  # noqa: I001 (the machinery around it)
+from MLPipeline.extras.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging
+from MLPipeline.extras.Config import RunConfig, check_option
+from MLPipeline.extras.ImageFiles import MAX_PIXELS
+from MLPipeline.extras.Weights import BACKBONES
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "Data"
@@ -29,16 +32,17 @@ EXPORT_FORMATS = ("onnx", "pt2")
 
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
+def train_config(args: argparse.Namespace) -> RunConfig:
     """The training run's settings from the command line, checked as they are made; on a fresh clone's empty
     Data/ the demo dataset is written first."""
-    data_dir = args.data_dir or DEFAULT_DATA_DIR
-    config = TrainConfig(**{**{name: getattr(args, name) for name in OPTIONS}, "data_dir": data_dir})
-    if args.data_dir is None and holds_nothing_but_readme(data_dir):
-        from MLPipeline.SyntheticData import make_demo_data  # only a fresh clone's first run needs it
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "command_name")}
+    config = RunConfig(**{**options, "data_dir": args.data_dir or DEFAULT_DATA_DIR})
+    if args.data_dir is None and holds_nothing_but_readme(config.data_dir):
+        from MLPipeline.extras.SyntheticData import make_demo_data  # only a fresh clone's first run needs it
         logging.info("%s holds no images: generating the demo dataset there first "
-                     "(python engine.py make-demo-data; put your own images there instead to train on them)", data_dir)
-        make_demo_data(data_dir)
+                     "(python engine.py make-demo-data; put your own images there instead to train on them)",
+                     config.data_dir)
+        make_demo_data(config.data_dir)
     return config
 
 
@@ -49,13 +53,13 @@ def holds_nothing_but_readme(folder: Path) -> bool:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import MLPipeline.Report as Report
-    from MLPipeline.Distributed import is_main_process
-    from MLPipeline.Explain import explain_paths, torch_network
-    from MLPipeline.Predict import load_model, predict
+    import MLPipeline.extras.Report as Report
+    from MLPipeline.extras.Distributed import is_main_process
+    from MLPipeline.extras.Explain import explain_paths, torch_network
+    from MLPipeline.extras.Predict import load_model, predict
     check_predict_targets(args)
-    check_option(OPTIONS["max_pixels"], args.max_pixels)
-    check_option(OPTIONS["workers"], args.workers)
+    check_option("max_pixels", args.max_pixels)
+    check_option("workers", args.workers)
     min_confidence = checked_min_confidence(args.min_confidence)
     model = load_model(args.model, args.device)
     if args.explain:
@@ -87,15 +91,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def checked_min_confidence(value: float | None) -> float | None:
-    from MLPipeline.Calibration import check_probability
+    from MLPipeline.extras.Calibration import check_probability
     return None if value is None else check_probability(value, "--min-confidence")
 
 
 def check_predict_targets(args: argparse.Namespace) -> None:
     """--csv and --explain, before any work: neither may be an input (the model, an image), lie in a folder
     predict reads, nor replace an image of the user's."""
-    from MLPipeline.Explain import EXPLANATION_NAMES
-    from MLPipeline.OutputFolder import check_write_target
+    from MLPipeline.extras.Explain import EXPLANATION_NAMES
+    from MLPipeline.extras.OutputFolder import check_write_target
     folders = [path for path in args.paths if os.path.isdir(path)]
     for flag, target, folder in (("--csv", args.csv, False), ("--explain", args.explain, True)):
         if target:
@@ -106,12 +110,12 @@ def check_predict_targets(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from MLPipeline.Calibration import coverage_lines
-    from MLPipeline.Distributed import is_main_process
-    from MLPipeline.Explain import torch_network
-    from MLPipeline.Predict import evaluate, load_model
-    check_option(OPTIONS["max_pixels"], args.max_pixels)
-    check_option(OPTIONS["workers"], args.workers)
+    from MLPipeline.extras.Calibration import coverage_lines
+    from MLPipeline.extras.Distributed import is_main_process
+    from MLPipeline.extras.Explain import torch_network
+    from MLPipeline.extras.Predict import evaluate, load_model
+    check_option("max_pixels", args.max_pixels)
+    check_option("workers", args.workers)
     if args.explain_count < 0:
         raise UserError(f"--explain-count must be 0 or more, not {args.explain_count}")
     min_confidence = checked_min_confidence(args.min_confidence)
@@ -137,7 +141,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from MLPipeline.Export import export_model
+    from MLPipeline.extras.Export import export_model
     out = export_model(args.model, args.format, args.out)
     print(f"wrote {out}: uint8 RGB images in, logits out; classes, image size and normalisation in its metadata "
           f"(README: Export and deploy)")
@@ -145,7 +149,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_make_demo_data(args: argparse.Namespace) -> int:
-    from MLPipeline.SyntheticData import make_demo_data
+    from MLPipeline.extras.SyntheticData import make_demo_data
     counts = make_demo_data(args.out, args.per_class, args.seed, force=args.force)
     print(f"wrote {sum(counts.values())} demo images to {args.out}: "
           + ", ".join(f"{count} {name}" for name, count in counts.items()))
@@ -163,11 +167,65 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
                         help="auto (default) uses the GPU when PyTorch sees one")
 
 
-CLI_DEFAULTS = {"data_dir": None, "output_dir": DEFAULT_OUTPUT_DIR}  # Data/ and output/ next to engine.py
-
-
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    add_arguments(parser, defaults=CLI_DEFAULTS)
+    """Every training flag, in one place (as torchvision's get_args_parser): the recipe's settings first,
+    then the tool's options, each off by default. RunConfig checks the values once."""
+    add = parser.add_argument
+    add("--data-dir", type=Path, help="one sub-folder per class, or a pre-split pair (train/+test/, train/+val/, "
+        "Training_data/+Testing_Data/) (default: Data/ next to engine.py; demo data when it is empty)")
+    add("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where model.pt, metrics and plots go "
+        "(default: output/ next to engine.py)")
+    add("--epochs", type=int, default=10, help="passes over the training images (default: %(default)s)")
+    add("--batch-size", type=int, default=8, help="training batch size (default: %(default)s)")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate of the head (default: %(default)s)")
+    add("--img-size", type=int, default=200, help="images are resized to this many pixels a side "
+        "(default: %(default)s)")
+    add("--test-size", type=float, default=0.2, help="test fraction of each class (default: %(default)s)")
+    add("--seed", type=int, default=42, help="seed of the split, the head's first weights and the batches' "
+        "order (default: %(default)s)")
+    add("--backbone", default="resnet50", help="network whose ImageNet features the head learns from: "
+        f"{', '.join(BACKBONES)} (default: %(default)s)")
+    add("--weights", default="auto", help="auto (the backbone's ImageNet weights; offline, the pip-installed "
+        "ImageNet EfficientNet-Lite0 instead, with a warning) | imagenet (the backbone's own, or an error) | "
+        "none (random init) | PATH to a state dict (default: %(default)s)")
+    add("--device", default="auto", help="auto (the GPU when PyTorch sees one) | cpu | cuda")
+    add("--precision", default="auto", help="auto: the frozen backbone in bfloat16 where the hardware computes it "
+        "natively (CUDA, CPUs with AVX-512 BF16 or AMX), else fp32 | fp32: always (default: %(default)s)")
+    add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode images while "
+        "the network runs (0: the main process) (default: %(default)s)")
+    tool = parser.add_argument_group("the tool's options (all off by default)")
+    tool.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="images with more pixels are skipped, "
+                      "unread (a safe limit on memory); raise it for big scans (default: %(default)s)")
+    tool.add_argument("--dedupe", action="store_true", help="skip a test (or val) file with the same bytes as a "
+                      "training file (it is always reported)")
+    tool.add_argument("--cache-dir", type=Path, help="keep the frozen backbone's features in this folder: a "
+                      "second run with other head settings reads no image")
+    tool.add_argument("--val-size", type=float, default=0.0, help="carve this fraction of each class's training "
+                      "images out as a validation set: keep the epoch with the lowest validation loss and "
+                      "calibrate the probabilities on it (default: %(default)s)")
+    tool.add_argument("--folds", type=int, default=0, help="K-fold cross-validation of the head over the "
+                      "training images, then the final model as without it (default: %(default)s)")
+    tool.add_argument("--class-weights", default="none", help="balanced: weigh each class's loss inversely to "
+                      "its share of the training images (default: %(default)s)")
+    tool.add_argument("--schedule", default="none", help="cosine: anneal the learning rate to 0 over the epochs")
+    tool.add_argument("--augment", action="store_true", help="random crops, small rotations, perspective and "
+                      "colour jitter on training images (the network then reads the images every epoch)")
+    tool.add_argument("--flips", action="store_true", help="with --augment, also mirror images")
+    tool.add_argument("--unfreeze", default="none", help="also train the backbone's last stage (last: layer4 on "
+                      "ResNets) or all of it (default: %(default)s)")
+    tool.add_argument("--backbone-lr", type=float, help="learning rate of unfrozen backbone layers (default: "
+                      "--lr / 10)")
+    tool.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", help="the whole network "
+                      "reads the images every epoch, like the original (same results, much slower)")
+    tool.add_argument("--backbone-runtime", default="pytorch", help="pytorch | onnxruntime | auto (the faster "
+                      "of the two on the first batch) (default: %(default)s)")
+    tool.add_argument("--inference-batch-size", type=int, help="batch size of feature extraction and scoring "
+                      "(default: 64 on a GPU, 32 at 200 px on the CPU)")
+
+
+def add_max_pixels_and_workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="images with more pixels are skipped")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes")
 
 
 def add_predict_options(predictor: argparse.ArgumentParser) -> None:
@@ -180,7 +238,7 @@ def add_predict_options(predictor: argparse.ArgumentParser) -> None:
     predictor.add_argument("--explain", type=Path, metavar="DIR", help="also write a Grad-CAM heatmap picture of "
                            "each classified image to DIR (needs model.pt: an .onnx file has no gradients)")
     add_device_option(predictor)
-    add_arguments(predictor, ("max_pixels", "workers"))
+    add_max_pixels_and_workers(predictor)
 
 
 def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
@@ -192,7 +250,7 @@ def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
     evaluator.add_argument("--explain-count", type=int, default=0, metavar="N", help="explained/ in the output "
                            "folder also shows the N least confident correct images (default: %(default)s)")
     add_device_option(evaluator)
-    add_arguments(evaluator, ("max_pixels", "workers"))
+    add_max_pixels_and_workers(evaluator)
 
 
 def add_export_options(exporter: argparse.ArgumentParser) -> None:
@@ -243,8 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     STOP_REQUESTED.clear()
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if args.command_name == "train":  # the recipe, MLPipeline/Train.py: train() is called right here
-            train(train_config(args))
+        if args.command_name == "train":
+            config = train_config(args)
+            with Run.checked_output(config):  # the folders it writes checked, the output folder locked
+                if config.is_the_recipe() and Run.world_size() == 1:  # the recipe, MLPipeline/Train.py
+                    run = train(config, **Run.recipe_pieces(config))
+                    Run.write_reports(run, config.output_dir)
+                else:  # an option, or torchrun: the recipe's pieces with the machinery they need
+                    from MLPipeline.extras.Pipeline import train_with_options
+                    train_with_options(config)
             return 0
         return args.command(args)
     except UserError as error:

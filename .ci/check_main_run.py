@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from .ci/: the project is one up
-from MLPipeline import UserError, load_model  # noqa: E402
+from MLPipeline.CreateDataset import UserError  # noqa: E402
+from MLPipeline import load_model
 
 # Guessing one of the 3 balanced demo classes scores 33%, and so does a frozen random-init backbone
 # (README, Results). ImageNet features should tell the demo documents apart easily; 0.8 leaves room for

@@ -1,12 +1,13 @@
-"""The data: find the class folders, index every image with its split, and read batches of images.
+"""The data: index the class folders, split them, and decode images in batches.
 
-One image's path from disk to the network:
-    read_image (any format -> 8-bit RGB, EXIF rotation applied) -> cv2.resize to img_size x img_size
-    (INTER_AREA) -> to_model_input: 3 x S x S float32 in [0, 1], which the model normalises itself
-    with its own backbone's mean/std.
+One image from disk to the network:
+    load_image: the file's bytes -> 8-bit RGB (OpenCV) -> img_size x img_size (INTER_AREA)
+    -> to_model_input: 3 x S x S float32 in [0, 1] (the model normalises it with its backbone's mean/std).
+A file that does not decode is skipped and named; it never stops a run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -15,114 +16,99 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from MLPipeline.Common import UserError, log
-from MLPipeline.Folders import (IMAGE_EXTENSIONS, check_data_dir, find_presplit, index_folder, list_images,
-                                mark_duplicates)
-from MLPipeline.ImageFiles import BadImageError, read_image
-
-__all__ = ["build_index", "stratified_split", "load_image", "load_images", "image_batches", "list_images",
-           "to_model_input", "usable", "skip_reasons", "mark_skipped", "CreateDataset"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
+                    ".jp2"}
+# Pre-split layouts, the first pair found wins; folder names are matched case-insensitively.
+PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
+log = logging.getLogger("MLPipeline")  # engine.py prints it: progress to stdout, warnings to stderr
 
 
-def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, val_size: float = 0.0,
-                dedupe: bool = False) -> pd.DataFrame:
-    """Every file under data_dir as a row (path, label, split, skipped, duplicate_of).
+class UserError(Exception):
+    """A mistake the user can fix: engine.py prints the message and exits with status 2."""
 
-    The class is the sub-folder; the split is 'train' or 'test' (and 'val' with val_size): drawn per class
-    with a seed, or as given by a pre-split layout (train/ + test/, ...). `skipped` says why a file cannot be
-    used ("" for images); `duplicate_of` names the training file a held-out file is a copy of.
-    """
+
+class BadImageError(Exception):
+    """This one file cannot be used as an image: it is skipped, named with the reason."""
+
+
+# --- 1. Index: a row (path, label, split, skipped) per file, the class being its folder
+
+def index_folder(folder: Path) -> pd.DataFrame:
+    """One row (path, label, skipped) per file under folder/<class>/; `skipped` says why a file is not used."""
+    rows = []
+    for class_dir in sorted(path for path in Path(folder).iterdir() if path.is_dir()):
+        for path in sorted(path for path in class_dir.rglob("*") if path.is_file()):
+            known = path.suffix.lower() in IMAGE_EXTENSIONS
+            rows.append((str(path), class_dir.name, "" if known else f"unsupported file type {path.suffix}"))
+    return pd.DataFrame(rows, columns=["path", "label", "skipped"])
+
+
+def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
+    """The (train, test) folders of a pre-split layout (the original's Training_data/ + Testing_Data/), or
+    None for a folder of classes."""
+    folders = {path.name.lower(): path for path in sorted(Path(data_dir).iterdir()) if path.is_dir()}
+    pair = next(((folders[train], folders[test]) for train, test in PRESPLIT_PAIRS
+                 if train in folders and test in folders), None)
+    if pair:
+        log.info("pre-split layout: training on %s, testing on %s", pair[0].name, pair[1].name)
+    return pair
+
+
+def check_data_dir(data_dir: Path) -> None:
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data folder {data_dir} {'is not a folder' if Path(data_dir).exists() else 'does not exist'}")
+
+
+def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, index_folder=index_folder) -> pd.DataFrame:
+    """Every file under data_dir with its class and split: as a pre-split layout gives them, or a seeded
+    stratified draw of test_size of each class. index_folder: how one folder of classes is walked."""
     check_data_dir(data_dir)
     presplit = find_presplit(data_dir)
     if presplit:
-        train_index, test_index = (index_folder(folder) for folder in presplit)
-        check_same_classes(presplit[0], sorted(set(train_index.label)), presplit[1], sorted(set(test_index.label)))
-        index = pd.concat([train_index.assign(split="train"), test_index.assign(split="test")], ignore_index=True)
-        check_classes(index, data_dir)
+        train, test = (index_folder(folder) for folder in presplit)
+        index = pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+        unknown = sorted(set(test.label) - set(train.label))
+        if unknown:  # a one-hot column would mean another class in each folder
+            raise UserError(f"{presplit[1]} has class folder(s) {', '.join(unknown)} that {presplit[0]} lacks: "
+                            f"name the class folders alike")
     else:
-        index = index_folder(data_dir)
-        check_classes(index, data_dir)
-        index = stratified_split(index, test_size, seed)
-    if val_size:
-        index = stratified_split(index, val_size, seed, to_split="val")
-    return mark_duplicates(index, dedupe)
-
-
-def check_same_classes(train_dir, train_classes: list[str], test_dir, test_classes: list[str]) -> None:
-    """A test folder's classes must be training classes, by exact name: `Others` beside `others` would be a
-    class of its own, or, in the original's one-hot columns, the wrong column. UserError naming both."""
-    unknown = sorted(set(test_classes) - set(train_classes))
-    if unknown:
-        case_only = {name.lower() for name in unknown} <= {name.lower() for name in train_classes}
-        raise UserError(f"the class folders of {test_dir} ({', '.join(test_classes)}) differ from those of "
-                        f"{train_dir} ({', '.join(train_classes)}){' only in upper/lower case' if case_only else ''}"
-                        f": name them alike")
-
-
-def check_classes(index: pd.DataFrame, data_dir: Path) -> None:
-    if index.empty:
-        raise UserError(f"no images found in {data_dir}: put them in one sub-folder per class "
-                        f"(e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg); "
-                        f"recognised: {' '.join(sorted(IMAGE_EXTENSIONS))}")
-    if index.label.nunique() < 2:
-        raise UserError(f"{data_dir} has images of {index.label.nunique()} class; at least 2 class folders are needed")
+        index = stratified_split(index_folder(data_dir), test_size, seed)
+    usable = index[index.skipped == ""]
+    if usable.label.nunique() < 2:
+        raise UserError(f"no images of at least 2 classes found in {data_dir}: put them in one sub-folder per "
+                        f"class (e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg)")
+    return index
 
 
 def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: str = "test") -> pd.DataFrame:
     """Move round(fraction * n) 'train' images of each class (at least one) to `to_split`, by a seeded shuffle.
-
-    Each class has its own random stream, so adding a class or an image to one class leaves the others' split.
-    """
+    Each class has its own random stream: adding images to one class leaves the others' split as it was."""
     index = index.assign(split=index.get("split", "train"))
-    not_skipped = index.get("skipped", "") == ""  # files known not to be images are not drawn
-    for label, rows in index[(index.split == "train") & not_skipped].groupby("label"):
-        rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(label))])  # fsencode: any folder name
+    for label, rows in index[(index.split == "train") & (index.skipped == "")].groupby("label"):
         if len(rows) < 2:
             raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
                             f"to be split into train and {to_split}: add images or remove the folder")
+        rng = np.random.default_rng([seed, zlib.crc32(os.fsencode(label))])  # fsencode: any folder name
         moved = min(len(rows) - 1, max(1, round(fraction * len(rows))))
         index.loc[rng.permutation(rows.index)[:moved], "split"] = to_split
     return index
 
 
-def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -> None:
-    """After skipping bad files, every class still needs a training image, and each split an image."""
-    for label in classes:
-        if not ((used.label == label) & (used.split == "train")).any():
-            raise UserError(f"class '{label}' has no usable training images (after skipping unreadable files)")
-    for split in ("test", "val") if needs_val else ("test",):
-        if not (used.split == split).any():
-            raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
-    for label in sorted(set(classes) - set(used.label[used.split == "test"])):
-        log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
-
-
-def usable(index: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the files that can be used (not skipped for any reason)."""
-    return index[index.skipped == ""]
-
-
-def mark_skipped(index: pd.DataFrame, skipped: dict[str, str]) -> pd.DataFrame:
-    """The index with each file that failed to decode given its reason; earlier reasons are kept."""
-    return index.assign(skipped=[skipped.get(path, reason) for path, reason in zip(index.path, index.skipped)])
-
-
-def skip_reasons(index: pd.DataFrame) -> dict[str, str]:
-    """{path: why it was not used} for every file of the index that was not."""
-    skipped = index[index.skipped != ""]
-    return dict(zip(skipped.path, skipped.skipped))
-
+# --- 2. Decode: a file -> S x S x 3 uint8 RGB -> 3 x S x S float in [0, 1]
 
 def resize(image: np.ndarray, img_size: int) -> np.ndarray:
     """Squash to img_size x img_size as the original did (aspect ratio not kept); INTER_AREA avoids aliasing."""
     return cv2.resize(image, (img_size, img_size), interpolation=cv2.INTER_AREA)
 
 
-def load_image(path: str | Path, img_size: int, max_pixels: int | None = None) -> np.ndarray:
-    """A file as an img_size x img_size x 3 uint8 RGB array; BadImageError says why a file cannot be used."""
-    return resize(read_image(path, img_size, max_pixels), img_size)
+def load_image(path: str | Path, img_size: int) -> np.ndarray:
+    """A file as an img_size x img_size x 3 uint8 RGB array; BadImageError when it does not decode."""
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # fromfile: any file name
+    if image is None:
+        raise BadImageError("not an image, or corrupt")
+    return resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), img_size)
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -130,24 +116,23 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, -3).float().div(255)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(Dataset):
     """Image files as model inputs, decoded when a batch asks for them (in the DataLoader's workers).
 
-    Item i is (input, one-hot target, i, None), or (None, target, i, (path, why it cannot be used)): a bad
-    file is left out of its batch by decoded_batch, named, and never stops a run.
+    Item i is (input, target, i, None), or (None, target, i, (path, why)) for a file that does not decode:
+    decoded_batch leaves it out of its batch. load_image: how a file becomes S x S x 3 uint8 RGB pixels.
     """
 
-    def __init__(self, paths: list[str], img_size: int, targets: torch.Tensor | None = None,
-                 max_pixels: int | None = None):
-        self.paths, self.img_size, self.max_pixels = paths, img_size, max_pixels
+    def __init__(self, paths: list[str], img_size: int, targets: torch.Tensor | None = None, load_image=load_image):
+        self.paths, self.img_size, self.load_image = paths, img_size, load_image
         self.targets = targets if targets is not None else torch.zeros(len(paths), 0)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor | None, torch.Tensor, int, tuple[str, str] | None]:
+    def __getitem__(self, position: int):
         try:
-            image = load_image(self.paths[position], self.img_size, self.max_pixels)
+            image = self.load_image(self.paths[position], self.img_size)
         except BadImageError as error:
             return None, self.targets[position], position, (self.paths[position], str(error))
         return to_model_input(torch.from_numpy(image)), self.targets[position], position, None
@@ -163,84 +148,48 @@ def decoded_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int], d
 
 
 def image_batches(paths: list[str], img_size: int, batch_size: int, workers: int = 0,
-                  targets: torch.Tensor | None = None, max_pixels: int | None = None,
-                  sampler: torch.utils.data.Sampler | None = None, pin_memory: bool = False) -> DataLoader:
-    """Batches of (inputs, targets, positions, {path: why not}) read from `paths` in order (or the sampler's);
-    `workers` processes decode ahead of the network (ResNet_Model.forward_batches runs it), so decoding
-    overlaps compute and memory holds a few batches, never the dataset."""
-    return DataLoader(ImageDataset(paths, img_size, targets, max_pixels), batch_size,
-                      sampler=sampler, num_workers=workers, collate_fn=decoded_batch, pin_memory=pin_memory)
-
-
-def unreadable(paths: list[str], img_size: int, workers: int = 0, max_pixels: int | None = None) -> dict[str, str]:
-    """{path: why} of the files that do not decode, each named in a warning: what a run that reads the images
-    every epoch learns before its first epoch (decoding only; no network runs)."""
-    failed = {}
-    for *_, batch_failed in image_batches(paths, img_size, 64, workers, max_pixels=max_pixels):
-        failed.update(batch_failed)
-        for path, reason in batch_failed.items():
-            log.warning("warning: skipped %s: %s", path, reason)
-    return failed
-
-
-def load_images(paths: list[str], img_size: int, max_pixels: int | None = None,
-                ) -> tuple[np.ndarray, dict[str, str]]:
-    """A few files decoded into memory: (N x S x S x 3 uint8 of the good ones, {bad path: reason}).
-
-    For prediction of a handful and for tests; datasets go through image_batches, batch by batch.
-    """
-    images, skipped = [], {}
-    for path in map(str, paths):
-        try:
-            images.append(load_image(path, img_size, max_pixels))
-        except BadImageError as error:
-            skipped[path] = str(error)
-            log.warning("warning: skipped %s: %s", path, error)
-    return (np.stack(images) if images else np.zeros((0, img_size, img_size, 3), np.uint8)), skipped
+                  targets: torch.Tensor | None = None, load_image=load_image, **loader) -> DataLoader:
+    """Batches of (inputs, targets, positions, {path: why not}) in the order of `paths`: `workers` processes
+    decode ahead of the network, so memory holds a few batches, never the dataset."""
+    return DataLoader(ImageDataset(paths, img_size, targets, load_image), batch_size, num_workers=workers,
+                      collate_fn=decoded_batch, **loader)
 
 
 # --- The original project's entry point (see docs/original-project.md)
 
 class CreateDataset:
-    """The original's data loader, on this project's decode path.
-
-    The original script keeps only the arrays, so the class names would be lost on the way to TrainRestNet:
-    `folders_read` keeps the last two folders read with their classes (the script reads the training folder,
-    then the test folder), the one piece of state its unchanged script needs (TrainRestNet's `classes=`
-    overrides it).
-    """
+    """The original's data loader, on the recipe's decode path. It remembers the classes of the folders it
+    read, so that TrainRestNet can name the model's outputs (the original's arrays carry no names)."""
     folders_read: list[tuple[str, list[str]]] = []
-
-    def create_dataset(self, folder: str | Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-        """The images of folder/<class>/* as (N x 3 x H x W float32 in [0, 1], N x C one-hot float32).
-
-        Classes are the sub-folders in sorted order, each a column of the one-hot labels; unreadable files are
-        skipped with a warning, as in training. Images are squares: a checkpoint has one image size and
-        prediction resizes to it, so width must equal height.
-        """
-        if width != height:
-            raise UserError(f"create_dataset resizes to squares, so width and height must be equal, not "
-                            f"{width} and {height}: the trained model predicts on {width}x{width} images")
-        check_data_dir(folder)
-        index = index_folder(folder)
-        check_classes(index, folder)
-        images, skipped = load_images(usable(index).path.tolist(), width)
-        if len(images) == 0:
-            raise UserError(f"no readable images in {folder}")
-        classes = sorted(index.label.unique())
-        labels = torch.tensor(usable(mark_skipped(index, skipped)).label.map(classes.index).to_numpy())
-        CreateDataset.folders_read = [*CreateDataset.folders_read[-1:], (str(folder), classes)]
-        one_hot = torch.nn.functional.one_hot(labels, len(classes)).float()
-        return to_model_input(torch.from_numpy(images)).numpy(), one_hot.numpy()
 
     @staticmethod
     def last_classes() -> list[str] | None:
-        """The classes of the last folder read, once checked against the folder read before it (training, then
-        test): one-hot columns of other classes would give the model the wrong names. None before any read."""
-        if len(CreateDataset.folders_read) == 2:
+        """The classes of the last folder read (the test folder, read after the training one): they must be
+        the training folder's, or the one-hot columns of the two would name different classes."""
+        if len(CreateDataset.folders_read) == 2 and CreateDataset.folders_read[0][1] != CreateDataset.folders_read[1][1]:
             (train_dir, train_classes), (test_dir, test_classes) = CreateDataset.folders_read
-            check_same_classes(train_dir, train_classes, test_dir, test_classes)
-            missing = sorted(set(train_classes) - set(test_classes))
-            if missing:  # the one-hot columns of the two folders would not match
-                raise UserError(f"{test_dir} lacks the class folder(s) {', '.join(missing)} of {train_dir}")
+            raise UserError(f"the class folders of {test_dir} ({', '.join(test_classes)}) differ from those of "
+                            f"{train_dir} ({', '.join(train_classes)}): name them alike")
         return CreateDataset.folders_read[-1][1] if CreateDataset.folders_read else None
+
+    def create_dataset(self, folder: str | Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The images of folder/<class>/* as (N x 3 x S x S float32 in [0, 1], N x C one-hot float32), with
+        the classes in sorted order; files that do not decode are skipped with a warning. Squares only: a
+        checkpoint has one image size."""
+        if width != height:
+            raise UserError(f"create_dataset resizes to squares, so width and height must be equal, not "
+                            f"{width} and {height}: the trained model predicts on {width}x{width} images")
+        index = index_folder(folder)
+        classes = sorted(index.label.unique())
+        images, labels = [], []
+        for path, label in zip(index.path, index.label):
+            try:
+                images.append(load_image(path, width))
+                labels.append(classes.index(label))
+            except BadImageError as error:
+                log.warning("warning: skipped %s: %s", path, error)
+        if not images:
+            raise UserError(f"no readable images in the class folders of {folder}")
+        CreateDataset.folders_read = [*CreateDataset.folders_read[-1:], (str(folder), classes)]
+        one_hot = torch.nn.functional.one_hot(torch.tensor(labels), len(classes)).float()
+        return to_model_input(torch.from_numpy(np.stack(images))).numpy(), one_hot.numpy()

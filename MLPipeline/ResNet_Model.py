@@ -1,14 +1,16 @@
-"""Build backbone + head with its starting weights (chosen by MLPipeline.Weights), freeze, save/load the checkpoint.
+"""The model: an ImageNet backbone, frozen, with a new linear head for our classes; its checkpoint.
 
-Backbones come from torchvision and, for ones that every machine can have pretrained offline, from timm:
-EfficientNet-Lite0/1/2, whose ImageNet weights install with pip. Each model normalises its own input, with
-the mean/std its weights were trained with, so callers hand it images scaled to [0, 1].
+The model normalises its own input with the mean/std its weights were trained with, so callers hand it
+images scaled to [0, 1]. A frozen backbone runs under torch.inference_mode(), in channels_last, and in
+bfloat16 where the hardware computes it natively.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+import contextlib
+import logging
+import os
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,41 +18,38 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import (UserError, atomic_write, autocast, first_line, log, progress_reporter,
-                              safe_torch_load)
-from MLPipeline.Weights import (BACKBONES, PIP_BACKBONES, TORCHVISION_BACKBONES, fit_state_dict, normalisation,
-                                resolve_weights)
+from MLPipeline.CreateDataset import UserError
 
-UNFREEZE_CHOICES = ("none", "last", "all")
+log = logging.getLogger("MLPipeline")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
+PROGRESS_SECONDS = 10.0  # how often a long loop prints a progress line
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Classifier(nn.Module):
-    """A torchvision backbone with its ImageNet classifier removed, and a linear head for our classes.
+    """A backbone with its ImageNet classifier removed, and a linear head: kept as two parts, so that a frozen
+    backbone's features can be computed once and the head trained on them."""
 
-    Kept as two parts so that a frozen backbone's features can be computed once and the head trained on them.
-    unfreeze: 'none' trains the head only (the original recipe), 'last' also the backbone's final stage
-    (layer4 on ResNets), 'all' the whole network.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Linear, mean: tuple[float, ...], std: tuple[float, ...],
-                 unfreeze: str = "none"):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        self.backbone, self.head, self.frozen = backbone, head, unfreeze == "none"
+        self.backbone, self.head = backbone.requires_grad_(False), head  # frozen: the original recipe
         self.mean, self.std = tuple(mean), tuple(std)
-        # Not persistent: the checkpoint records mean/std as plain lists, and its state_dict stays backbone + head.
+        # Not persistent: the checkpoint records mean/std as plain lists; its state_dict is backbone + head.
         self.register_buffer("mean_tensor", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_tensor", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.backbone.requires_grad_(unfreeze == "all")
-        if unfreeze == "last":
-            last_stage(backbone).requires_grad_(True)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(parameter.requires_grad for parameter in self.backbone.parameters())
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W images scaled to [0, 1] -> the backbone's features, normalised as its weights expect."""
         return self.backbone((images - self.mean_tensor) / self.std_tensor)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        features = self.features(images).float()
+        with torch.autocast(images.device.type, enabled=False):  # the head in fp32, as it was trained
+            return self.head(features)
 
     def train(self, mode: bool = True) -> "Classifier":
         # BatchNorm keeps its pretrained statistics: with batches of 8 the batch statistics are noise,
@@ -62,54 +61,25 @@ class Classifier(nn.Module):
         return self
 
 
-def last_stage(backbone: nn.Module) -> nn.Module:
-    """The final stage of a backbone: layer4 of a ResNet, the last block stage and head conv of a timm
-    EfficientNet, else the last block of `.features` with weights."""
-    if hasattr(backbone, "layer4"):
-        return backbone.layer4
-    if hasattr(backbone, "blocks"):
-        return nn.ModuleList([backbone.blocks[-1], backbone.conv_head, backbone.bn2])
-    return [block for block in backbone.features if any(True for _ in block.parameters())][-1]
-
-
-def create_backbone(arch: str) -> nn.Module:
-    """The architecture with random weights and its ImageNet classifier still on."""
-    if arch in PIP_BACKBONES:
-        import timm  # only these backbones need timm; importing it takes a second
-        return timm.create_model(arch, pretrained=False)
-    if arch not in TORCHVISION_BACKBONES:
-        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
-    return torchvision.models.get_model(arch, weights=None)
-
-
-def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
-                unfreeze: str = "none") -> tuple[Classifier, dict]:
-    """The backbone with starting weights and a fresh linear head; returns (model, provenance).
-
-    provenance: the architecture actually used ('auto' may fall back to another), where its weights came
-    from and whether they are pretrained.
-    """
-    if arch not in BACKBONES:
-        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
-    arch, state_dict, source, pretrained = resolve_weights(arch, weights)
-    backbone = create_backbone(arch)
-    if state_dict is not None:
-        try:
-            backbone.load_state_dict(fit_state_dict(arch, state_dict, backbone))
-        except RuntimeError as error:
-            raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
-                            f"({first_line(error)})") from None
-    in_features = remove_classifier(backbone)
-    model = Classifier(backbone, nn.Linear(in_features, num_classes), *normalisation(arch), unfreeze)
-    return model, {"arch": arch, "weights_source": source, "pretrained": pretrained}
+def torchvision_backbone(arch: str, weights: str) -> tuple[nn.Module, dict]:
+    """torchvision's `arch` with its ImageNet weights (downloaded once into torchvision's cache) or, with
+    weights='none', random ones; returns it and its provenance (arch, weights source, pretrained, mean, std)."""
+    pretrained = weights != "none"
+    imagenet = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        backbone = torchvision.models.get_model(arch, weights=imagenet if pretrained else None)
+    except OSError as error:  # no network, a proxy: the download failed
+        raise UserError(f"{arch}'s ImageNet weights could not be downloaded ({error}): put {imagenet.url} in "
+                        f"{torch.hub.get_dir()}/checkpoints/, or train with `python engine.py`, which falls "
+                        f"back to a pretrained backbone installed with pip") from None
+    source = f"torchvision {imagenet}" if pretrained else "none (random init)"
+    return backbone, {"arch": arch, "weights_source": source, "pretrained": pretrained,
+                      "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def remove_classifier(backbone: nn.Module) -> int:
-    """Replace the ImageNet classifier's last linear layer by Identity; return its input width.
-
-    ResNets keep it in `.fc`; VGG, EfficientNet and ConvNeXt end `.classifier` with it; timm models reset
-    their own.
-    """
+    """Replace the ImageNet classifier's last linear layer by Identity; return its input width. ResNets keep
+    it in `.fc`; VGG, EfficientNet and ConvNeXt end `.classifier` with it; timm models reset their own."""
     if hasattr(backbone, "reset_classifier"):
         backbone.reset_classifier(0)
         return backbone.num_features
@@ -120,36 +90,96 @@ def remove_classifier(backbone: nn.Module) -> int:
     return in_features
 
 
-@dataclass
-class CheckpointInfo:
-    """Everything in a checkpoint besides the weights: what prediction needs, and where the model came from.
-
-    Plain values only, so the file loads with weights_only=True. Its fields are the keys a checkpoint must have.
-    """
-    classes: list[str]
-    arch: str
-    img_size: int
-    mean: list[float]
-    std: list[float]
-    head: dict
-    weights_source: str
-    pretrained: bool
-    created_utc: str
-    torch_version: str
-    format: str = CHECKPOINT_FORMAT
+def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto",
+                load_backbone=torchvision_backbone) -> tuple[Classifier, dict]:
+    """The backbone with its starting weights, frozen, and a fresh linear head; returns (model, provenance).
+    load_backbone(arch, weights) -> (backbone, provenance): torchvision's here; engine.py hands in the one
+    that falls back to a pretrained backbone installed with pip when torchvision's weights cannot be had."""
+    backbone, provenance = load_backbone(arch, weights)
+    head = nn.Linear(remove_classifier(backbone), num_classes)
+    return Classifier(backbone, head, provenance.pop("mean"), provenance.pop("std")), provenance
 
 
-def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, provenance: dict,
-                    extra: dict | None = None) -> dict:
-    """The checkpoint of a trained model: state_dict, the CheckpointInfo fields, and `extra` (e.g. settings)."""
-    info = CheckpointInfo(
-        classes=list(classes), arch=provenance["arch"], img_size=img_size, mean=list(model.mean),
-        std=list(model.std), head={"type": "linear", "in_features": model.head.in_features,
-                                   "out_features": model.head.out_features},
-        weights_source=provenance["weights_source"], pretrained=provenance["pretrained"],
-        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=str(torch.__version__))
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    return {"state_dict": state_dict, **asdict(info), **(extra or {})}
+# --- Features: the frozen backbone's output for every image, computed once
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16
+    or AMX. There it is about twice as fast as fp32 with features within 0.5% (docs/speed.md); elsewhere
+    bfloat16 is emulated, and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, check, lambda: False)() for check in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))  # private, so asked with care
+
+
+def inference_batch_size(device: torch.device, img_size: int) -> int:
+    """Images per forward pass where nothing trains: 64 on a GPU; on the CPU about 32 at 200 px (the batch
+    whose activations stay in the caches), more for smaller images."""
+    return 64 if device.type == "cuda" else max(1, round(32 * 200 * 200 / img_size ** 2))
+
+
+def forward_batches(network, batches, device: torch.device, bf16: bool = False, label: str = "forward"):
+    """`network`'s outputs for every batch of (inputs, targets, positions, {path: why not}) or (inputs,
+    targets), in inference mode, under bfloat16 autocast if asked. Returns the outputs (float32, on the CPU)
+    and targets of what was read, its positions, and {path: why} of the files that did not decode, each named
+    in a warning. The outputs fill one tensor as they come: memory grows with them alone, never by copies."""
+    outputs, targets, positions, failed = None, [], [], {}
+    filled, total, started, shown = 0, len(batches.dataset), time.perf_counter(), time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for inputs, batch_targets, *files in batches:
+            if len(inputs):
+                inputs = inputs.to(device, non_blocking=True)
+                if inputs.ndim == 4:  # images, in the layout the convolutions run fastest in
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                batch = network(inputs).float().cpu()
+                if outputs is None:
+                    outputs = batch.new_empty((total, *batch.shape[1:]))
+                outputs[filled:filled + len(batch)] = batch
+                filled += len(batch)
+                targets.append(batch_targets)
+            positions += files[0] if files else []
+            for path, reason in (files[1] if files else {}).items():
+                log.warning("warning: skipped %s: %s", path, reason)
+                failed[path] = reason
+            if time.perf_counter() - shown > PROGRESS_SECONDS:  # a line every few seconds, for long runs
+                shown, done = time.perf_counter(), filled + len(failed)
+                log.info("  %s: %d/%d (%.1f images/s)", label, done, total, done / (shown - started))
+    if outputs is None:
+        return torch.zeros(0, 0), torch.zeros(0, 0), positions, failed
+    return outputs[:filled], torch.cat(targets), positions, failed
+
+
+# --- The checkpoint: a plain dict, loadable with torch.load(path, weights_only=True)
+
+def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, provenance: dict, **extra) -> dict:
+    """The weights and everything prediction needs: classes, arch, image size, normalisation, provenance."""
+    return {"state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+            "classes": list(classes), "arch": provenance["arch"], "img_size": img_size, "mean": list(model.mean),
+            "std": list(model.std), "head": {"type": "linear", "in_features": model.head.in_features,
+                                             "out_features": model.head.out_features},
+            "weights_source": provenance["weights_source"], "pretrained": provenance["pretrained"],
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": str(torch.__version__), "format": CHECKPOINT_FORMAT, **extra}
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """`with atomic_write(path) as temp_name:` write temp_name, next to `path`; on leaving the block it
+    replaces `path` whole, so nobody ever reads half a file; a write that fails leaves the old file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name[:40]}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield temp_name
+        with open(temp_name, "rb+") as written:
+            os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.remove(temp_name)
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -157,139 +187,15 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
         torch.save(checkpoint, temp_name)
 
 
-def check_model_file(path: Path, how_to_make_one: str) -> None:
-    """A model file must be a file that exists; the message says how to get one."""
-    if path.is_dir():
-        raise UserError(f"model file {path} is a folder; pass the file itself")
-    if not path.is_file():
-        raise UserError(f"model file {path} does not exist: {how_to_make_one}")
-
-
-def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
-    """Rebuild the trained model from a checkpoint file; returns (model in eval mode on CPU, checkpoint)."""
-    path = Path(path)
-    check_model_file(path, "train one first with `python engine.py`")
-    checkpoint = safe_torch_load(path, "model file")
-    missing = [key for key in ("state_dict", *(field.name for field in fields(CheckpointInfo)))
-               if key not in checkpoint]
-    if checkpoint.get("format") != CHECKPOINT_FORMAT or missing:
-        raise UserError(f"{path} is not a model file of this project (missing: {', '.join(missing) or 'format'})")
-    if not isinstance(checkpoint["state_dict"], dict):
-        raise UserError(f"{path} is damaged: its weights are not of the expected kind")
-    check_model_info(checkpoint, path)
-    if not all(torch.isfinite(tensor).all() for tensor in checkpoint["state_dict"].values()
-               if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
-        raise UserError(f"{path} is damaged: its weights hold NaN or infinite values (a run that diverged?)")
-    try:
-        backbone = create_backbone(checkpoint["arch"])
-        model = Classifier(backbone, nn.Linear(remove_classifier(backbone), len(checkpoint["classes"])),
-                           checkpoint["mean"], checkpoint["std"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError, ValueError, AttributeError) as error:
-        raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
-                        f"{len(checkpoint['classes'])} classes: {first_line(error)}") from None
-    return model.eval(), checkpoint
-
-
-def check_model_info(info: dict, source) -> dict:
-    """What prediction relies on, checked: a non-empty list of distinct class names, a whole img_size in range,
-    3 finite means and positive stds, a finite positive temperature (1 when absent: an older checkpoint).
-    UserError naming `source` (a checkpoint or an exported file) otherwise. Returns info, completed."""
-    info.setdefault("temperature", 1.0)
-    classes, size, temperature = info.get("classes"), info.get("img_size"), info.get("temperature")
-    problems = []
-    if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
-            and len(set(classes)) == len(classes)):
-        problems.append("classes")
-    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
-        problems.append("img_size")
-    if not all(is_number_list(info.get(key), 3) for key in ("mean", "std")) or min(info["std"]) <= 0:
-        problems.append("mean and std")
-    if not is_number_list([temperature], 1) or temperature <= 0:
-        problems.append("temperature")
-    if problems:
-        raise UserError(f"{source} is damaged or edited: its {', '.join(problems)} cannot be used "
-                        f"(classes {str(classes)[:80]}, img_size {size!r}, temperature {temperature!r})")
-    return info
-
-
-def is_number_list(values, length: int) -> bool:
-    return (isinstance(values, list) and len(values) == length
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
-
-
-def optimizer_for(model: Classifier, lr: float, backbone_lr: float | None = None) -> torch.optim.Adam:
-    """Adam for the head at lr and, when layers of the backbone are unfrozen, for them at backbone_lr (by
-    default lr / 10: pretrained layers need only small steps)."""
-    backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
-    return torch.optim.Adam([{"params": model.head.parameters(), "lr": lr},
-                             {"params": backbone_parameters, "lr": backbone_lr or lr / 10}])
-
-
-def prepare_model(model: Classifier, device: torch.device) -> Classifier:
-    """Move the model to the device, in channels_last: the layout convolutions run fastest in, on cuDNN and
-    on the CPU's oneDNN alike (ResNet50 at 200 px on a 2-core CPU: 11 images/s against 9 in NCHW)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-    return model.to(device, memory_format=torch.channels_last)
-
-
-CPU_BATCH_PIXELS = 8 * 200 * 200  # on the CPU, the batch whose activations stay in the caches
-
-
-def inference_batch_size(device: torch.device, img_size: int) -> int:
-    """Images per forward pass where nothing trains: 64 on a GPU; on the CPU as many as make CPU_BATCH_PIXELS
-    (2-core CPU: ResNet50 at 200 px 11 images/s in batches of 8, 8 in batches of 128; ResNet18 at 64 px
-    320 images/s in batches of 64, 160 in batches of 8)."""
-    return 64 if device.type == "cuda" else max(1, round(CPU_BATCH_PIXELS / img_size ** 2))
-
-
-def forward_batches(network: Callable[[torch.Tensor], torch.Tensor], batches, device: torch.device, total: int,
-                    label: str = "forward") -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, str]]:
-    """`network`'s outputs for every batch of (inputs, targets, ...), in inference mode: feature extraction,
-    scoring, prediction. Returns the outputs (float32, on the CPU) and targets in the batches' order and, for
-    batches of image files (image_batches), the positions read and {path: why not} of the rest, each named in
-    a warning. total: how many items the batches hold (the outputs are filled into one tensor of that size,
-    never stacked from a list: no second copy of the features).
-    """
-    outputs, targets, positions, failed = None, [], [], {}
-    update, seen, filled = progress_reporter(label, total), 0, 0
-    with torch.inference_mode(), autocast(device):
-        for inputs, batch_targets, *files in batches:
-            seen += len(inputs) + (len(files[1]) if files else 0)  # decoded and failed alike
-            if len(inputs):
-                inputs = inputs.to(device, non_blocking=True)
-                if inputs.ndim == 4:  # images: in the layout of prepare_model's weights, which convolutions run fastest
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                batch_outputs = network(inputs).float().cpu()
-                if outputs is None:
-                    outputs = batch_outputs.new_empty((max(total, len(batch_outputs)), *batch_outputs.shape[1:]))
-                outputs[filled:filled + len(batch_outputs)] = batch_outputs
-                filled += len(batch_outputs)
-                targets.append(batch_targets)
-            if files:
-                positions += files[0]
-                failed.update(files[1])
-                for path, reason in files[1].items():
-                    log.warning("warning: skipped %s: %s", path, reason)
-            update(seen)
-    if outputs is None:
-        return torch.zeros(0, 0), torch.zeros(0, 0), positions, failed
-    return outputs[:filled], torch.cat(targets), positions, failed
-
-
-# --- The original project's entry points (see README: Coming from the original project)
+# --- The original project's entry point (see docs/original-project.md)
 
 class ResNET_Model:
     """The original's model factory: `model_builder()` gives the model `python engine.py` trains."""
 
-    def model_builder(self, num_classes: int = 3, weights: str = "auto") -> Classifier:
-        """ResNet50 under the same weights policy as the CLI (`auto`: ImageNet, or the pip-installed
-        EfficientNet-Lite0 with a warning), frozen, with a new linear head for num_classes.
-
-        The returned model carries its provenance (arch, weights_source, pretrained) as `.provenance`,
-        which TrainRestNet writes into the checkpoint.
-        """
-        model, provenance = build_model(num_classes, weights=weights)
-        model.provenance = provenance
+    def model_builder(self, num_classes: int = 3, weights: str = "auto",
+                      load_backbone=torchvision_backbone) -> Classifier:
+        """ResNet50 with ImageNet weights, frozen, with a new linear head for num_classes; `.provenance` says
+        where its weights came from (TrainRestNet writes it into the checkpoint). load_backbone: as in
+        build_model (MLPipeline.extras.Weights.load_backbone falls back to a pip backbone offline)."""
+        model, model.provenance = build_model(num_classes, "resnet50", weights, load_backbone)
         return model

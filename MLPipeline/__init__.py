@@ -1,20 +1,22 @@
-"""Transfer-learning document classifier: the public API.
+"""Transfer-learning document classifier.
 
-    from MLPipeline import TrainConfig, train, load_model, predict
-    run = train(TrainConfig(data_dir="Data", epochs=10))
-    model = load_model("output/model.pt")
-    results = predict(model, ["a.jpg", "b.png"])
-    export_model("output/model.pt", "onnx")  # output/model.onnx, for ONNX Runtime; load_model() takes it too
+The recipe is MLPipeline.Train.train (with CreateDataset and ResNet_Model): read it top to bottom.
+The tool around it, every option of engine.py, is MLPipeline.extras; its public API is here:
 
-Each name is imported from its module when first used, so that importing one module loads only what it needs.
+    from MLPipeline import RunConfig, train, load_model, predict
+    run = train(RunConfig(data_dir="Data", epochs=10, val_size=0.2))
+    results = predict(load_model("output/model.pt"), ["a.jpg", "b.png"])
+
+Each name is imported from its module when first used: importing one module loads only what it needs.
 """
 import importlib
 
-API = {"UserError": "Common", "build_index": "CreateDataset", "load_image": "CreateDataset",
-       "load_images": "CreateDataset", "OnnxModel": "Export", "export_model": "Export", "TrainedModel": "Predict",
-       "evaluate": "Predict", "load_model": "Predict", "predict": "Predict", "build_model": "ResNet_Model",
-       "load_checkpoint": "ResNet_Model", "save_checkpoint": "ResNet_Model", "TrainConfig": "Train",
-       "TrainingRun": "Train", "train": "Train", "explain": "Explain"}
+API = {"TrainConfig": "Train", "TrainingRun": "Train", "UserError": "CreateDataset", "build_index": "CreateDataset",
+       "load_image": "CreateDataset", "build_model": "extras.Weights", "save_checkpoint": "ResNet_Model",
+       "RunConfig": "extras.Config", "train": "extras.Run", "load_images": "extras.Data",
+       "load_checkpoint": "extras.Checkpoint", "TrainedModel": "extras.Predict", "evaluate": "extras.Predict",
+       "load_model": "extras.Predict", "predict": "extras.Predict", "OnnxModel": "extras.Export",
+       "export_model": "extras.Export", "explain": "extras.Explain"}
 __all__ = list(API)
 
 

@@ -25,11 +25,14 @@ import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.CreateDataset import list_images, load_images  # noqa: E402
-from MLPipeline.Export import export_model  # noqa: E402
-from MLPipeline.Predict import load_model, predict  # noqa: E402
-from MLPipeline.ResNet_Model import BACKBONES, build_model, checkpoint_dict, save_checkpoint  # noqa: E402
-from MLPipeline.SyntheticData import make_demo_data  # noqa: E402
+from MLPipeline.extras.Folders import list_images  # noqa: E402
+from MLPipeline.extras.Data import load_images
+from MLPipeline.extras.Export import export_model  # noqa: E402
+from MLPipeline.extras.Predict import load_model, predict  # noqa: E402
+from MLPipeline.extras.Weights import BACKBONES  # noqa: E402
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.ResNet_Model import checkpoint_dict, save_checkpoint
+from MLPipeline.extras.SyntheticData import make_demo_data  # noqa: E402
 
 
 def images_per_second(model, images: np.ndarray, paths: list[str], batch_size: int, decode: bool,

@@ -23,12 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.Augment import make_augmenter  # noqa: E402
-from MLPipeline.CreateDataset import image_batches, list_images  # noqa: E402
-from MLPipeline.OnnxBackbone import FrozenBackbone  # noqa: E402
-from MLPipeline.ResNet_Model import build_model, forward_batches, prepare_model  # noqa: E402
-from MLPipeline.SyntheticData import make_demo_data  # noqa: E402
-from MLPipeline.Train import TrainConfig, train  # noqa: E402
+from MLPipeline.extras.Augment import make_augmenter  # noqa: E402
+from MLPipeline.CreateDataset import image_batches  # noqa: E402
+from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.OnnxBackbone import FrozenBackbone  # noqa: E402
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.ResNet_Model import forward_batches, prepare_model  # noqa: E402
+from MLPipeline.extras.SyntheticData import make_demo_data  # noqa: E402
+from MLPipeline.extras.Config import RunConfig as TrainConfig  # noqa: E402
+from MLPipeline.extras.Run import train
 
 CPU = torch.device("cpu")
 

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from MLPipeline import build_index  # noqa: E402
+from MLPipeline.extras.Data import build_index  # noqa: E402
 
 
 def deduplicated_test_folder(data: Path, folder: Path) -> int:

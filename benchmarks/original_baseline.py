@@ -59,7 +59,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from MLPipeline import TrainConfig, UserError, build_model, load_images, train  # noqa: E402
+from MLPipeline.extras.Config import RunConfig as TrainConfig  # noqa: E402
+from MLPipeline.CreateDataset import UserError
+from MLPipeline import build_model
+from MLPipeline.extras.Data import load_images
+from MLPipeline.extras.Run import train
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "original-project"
 EPOCHS, BATCH_SIZE, LR, IMG_SIZE = 10, 8, 1e-3, 200  # the original's recipe

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.SyntheticData import CLASS_NAMES, make_demo_data  # noqa: E402
+from MLPipeline.extras.SyntheticData import CLASS_NAMES, make_demo_data  # noqa: E402
 
 THUMB_HEIGHT = 170
 GAP = 8

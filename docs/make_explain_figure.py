@@ -16,11 +16,13 @@ from matplotlib.figure import Figure
 
 # Run as a script from anywhere: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.Common import UserError  # noqa: E402
-from MLPipeline.CreateDataset import BadImageError, list_images, read_image  # noqa: E402
-from MLPipeline.Explain import explain, overlay, title_of, torch_network  # noqa: E402
-from MLPipeline.Predict import load_model  # noqa: E402
-from MLPipeline.Report import save_figure  # noqa: E402
+from MLPipeline.extras.Common import UserError  # noqa: E402
+from MLPipeline.CreateDataset import BadImageError  # noqa: E402
+from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.ImageFiles import read_image
+from MLPipeline.extras.Explain import explain, overlay, title_of, torch_network  # noqa: E402
+from MLPipeline.extras.Predict import load_model  # noqa: E402
+from MLPipeline.extras.Report import save_figure  # noqa: E402
 
 
 def demo_paths(folder: Path, count: int) -> list[Path]:

@@ -7,11 +7,14 @@ import logging
 import pytest
 import torch
 
-from MLPipeline import TrainConfig, train
-from MLPipeline import Augment, Train
-from MLPipeline.Augment import jitter_colours
-from MLPipeline.OnnxBackbone import MIN_IMAGES_TO_COMPARE, FrozenBackbone
-from MLPipeline.ResNet_Model import build_model, prepare_model
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
+from MLPipeline import Train
+from MLPipeline.extras import Augment
+from MLPipeline.extras.Augment import jitter_colours
+from MLPipeline.extras.OnnxBackbone import MIN_IMAGES_TO_COMPARE, FrozenBackbone
+from MLPipeline.extras.Weights import build_model
+
 
 CPU = torch.device("cpu")
 
@@ -35,7 +38,7 @@ class Watched(torch.nn.Module):
 
 def frozen_resnet18():
     torch.manual_seed(0)
-    return prepare_model(build_model(3, "resnet18", "none")[0].eval(), CPU)
+    return build_model(3, "resnet18", "none")[0].eval().to(CPU, memory_format=torch.channels_last)
 
 
 def test_onnxruntime_gives_pytorchs_features_and_keeps_running():
@@ -78,7 +81,7 @@ def test_auto_keeps_the_faster_runtime(monkeypatch):
     def timed(run, images):
         with torch.no_grad():
             return next(speeds), run(images)
-    monkeypatch.setattr("MLPipeline.OnnxBackbone.timed", timed)
+    monkeypatch.setattr("MLPipeline.extras.OnnxBackbone.timed", timed)
     backbone = FrozenBackbone(model, CPU, "auto", images=MIN_IMAGES_TO_COMPARE)
     with torch.inference_mode():
         backbone(torch.rand(2, 3, 32, 32))

@@ -294,18 +294,18 @@ def test_training_never_writes_into_the_data_folder(messy):
 # --- the same rules, in-process where a subprocess can't reach ---------------------------------------------
 
 def test_pixel_cap_is_max_pixels(tmp_path, monkeypatch):
-    from MLPipeline import CreateDataset, ImageFiles
+    from MLPipeline.extras import Data, ImageFiles
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     small.write_bytes(encode(sample_rgb(size=(20, 20)), "PNG"))  # 400 pixels
     large.write_bytes(encode(sample_rgb(size=(40, 48)), "PNG"))  # 1920 pixels
     monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 1000)
-    images, skipped = CreateDataset.load_images([str(small), str(large)], 32)
+    images, skipped = Data.load_images([str(small), str(large)], 32)
     assert list(skipped) == [str(large)] and "pixels" in skipped[str(large)]
     assert images.shape == (1, 32, 32, 3)
 
 
 def test_pillow_decodes_what_opencv_cannot(tmp_path, monkeypatch):
-    from MLPipeline import ImageFiles
+    from MLPipeline.extras import ImageFiles
     gif = tmp_path / "still.gif"
     gif.write_bytes(USED["beta/still.gif"]())
     monkeypatch.setattr(ImageFiles.cv2, "imdecode", lambda *args, **kwargs: None)
@@ -315,7 +315,7 @@ def test_pillow_decodes_what_opencv_cannot(tmp_path, monkeypatch):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    from MLPipeline.CreateDataset import read_image
+    from MLPipeline.extras.ImageFiles import read_image
     path = tmp_path / "rotated.jpg"
     path.write_bytes(exif_rotated_jpeg())
     stored = sample_rgb()

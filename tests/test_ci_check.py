@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from MLPipeline import TrainConfig, train
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
 from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("check_main_run", ROOT / ".ci" / "check_main_run.py")

@@ -15,11 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from MLPipeline import CreateDataset, ImageFiles
-from MLPipeline.Common import UserError
-from MLPipeline.CreateDataset import build_index, load_image, load_images, stratified_split, to_model_input
-from MLPipeline.Folders import index_folder
-from MLPipeline.ImageFiles import BadImageError, read_image
+from MLPipeline import CreateDataset
+from MLPipeline.extras import ImageFiles
+from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Data import build_index, load_images
+from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.CreateDataset import stratified_split, to_model_input
+from MLPipeline.extras.Folders import index_folder
+from MLPipeline.extras.ImageFiles import BadImageError, read_image
 
 RED_RGB = (220, 30, 20)
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from MLPipeline.ResNet_Model import build_model
+from MLPipeline.extras.Weights import build_model
 from tests.conftest import ENGINE, ROOT, make_image_folder
 
 TRAIN = ["--img-size", "32", "--weights", "none", "--backbone", "resnet18", "--epochs", "3"]

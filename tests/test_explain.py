@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from conftest import make_image_folder
-from MLPipeline import Explain
-from MLPipeline.Common import UserError
-from MLPipeline.Export import export_model
-from MLPipeline.Predict import load_model, predict
-from MLPipeline.ResNet_Model import BACKBONES, Classifier, build_model
-from MLPipeline.Train import TrainConfig, train
+from MLPipeline.extras import Explain
+from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Export import export_model
+from MLPipeline.extras.Predict import load_model, predict
+from MLPipeline.extras.Weights import BACKBONES
+from MLPipeline.ResNet_Model import Classifier
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
 
 SIDE = 64
 

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from MLPipeline import SyntheticData
-from MLPipeline.Export import DIGEST_KEY, model_digest
-from MLPipeline.OutputFolder import LOCK_NAME
+from MLPipeline.extras import SyntheticData
+from MLPipeline.extras.Export import DIGEST_KEY, model_digest
+from MLPipeline.extras.OutputFolder import LOCK_NAME
 from tests.conftest import ENGINE, FAST, ROOT, make_image_folder, train_tiny_model
 from tests.test_bad_input import assert_user_error, fake_previous_outputs, snapshot
 
@@ -155,7 +155,7 @@ def test_evaluate_will_not_overwrite_a_training_output_folder(trained, tmp_path,
 
 
 def test_a_plot_that_fails_is_a_warning_and_the_model_is_written(trained, tmp_path, cli, monkeypatch):
-    from MLPipeline import Report
+    from MLPipeline.extras import Report
 
     def broken(*args):
         raise MemoryError("no room for the figure")

@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from MLPipeline import Augment, TrainConfig, load_model, predict, train
-from MLPipeline.Augment import make_augmenter, random_homographies
-from MLPipeline.ResNet_Model import build_model
+from MLPipeline import load_model, predict
+from MLPipeline.extras import Augment
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
+from MLPipeline.extras.Augment import make_augmenter, random_homographies
+from MLPipeline.extras.Weights import build_model
 from tests.conftest import FAST, run_engine
 
 

@@ -46,7 +46,7 @@ def test_no_module_imports_one_above_it():
 
 
 def test_importing_the_recipe_loads_no_optional_dependency():
-    script = ("import sys, MLPipeline.Train, MLPipeline.Predict; "
+    script = ("import sys, MLPipeline.Train, MLPipeline.extras.Predict; "
               "print(sorted(name for name in ('onnx', 'onnxruntime', 'onnxscript', 'timm', 'pillow_heif') "
               "if name in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

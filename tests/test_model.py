@@ -16,15 +16,11 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import UserError, atomic_write
-from MLPipeline.ResNet_Model import (
-    CheckpointInfo,
-    build_model,
-    checkpoint_dict,
-    load_checkpoint,
-    save_checkpoint,
-)
-from MLPipeline.Weights import resolve_weights
+from MLPipeline.extras.Common import UserError, atomic_write
+from MLPipeline.extras.Checkpoint import REQUIRED, load_checkpoint
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.ResNet_Model import checkpoint_dict, save_checkpoint
+from MLPipeline.extras.Weights import resolve_weights
 
 IMAGENET = torchvision.models.get_model_weights("resnet50").DEFAULT
 IMAGENET_FILE = IMAGENET.url.rsplit("/", 1)[-1]
@@ -310,7 +306,7 @@ def test_checkpoint_round_trip(saved):
 def test_checkpoint_is_plain_data(saved):
     path, _, classes = saved
     raw = torch.load(path, weights_only=True)
-    assert {"state_dict", *CheckpointInfo.__dataclass_fields__} <= raw.keys()
+    assert {"state_dict", *REQUIRED} <= raw.keys()
     assert plain_values_only(raw)
     assert raw["classes"] == classes
     assert raw["head"]["out_features"] == len(classes)

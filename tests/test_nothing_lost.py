@@ -21,11 +21,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from MLPipeline import Calibration, CrossValidation
-from MLPipeline.Common import UserError
-from MLPipeline.Folders import index_folder
-from MLPipeline.OutputFolder import check_write_target
-from MLPipeline.Report import save_figure
+from MLPipeline.extras import Calibration, CrossValidation
+from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Folders import index_folder
+from MLPipeline.extras.OutputFolder import check_write_target
+from MLPipeline.extras.Report import save_figure
 from tests.conftest import train_tiny_model
 from tests.test_bad_input import assert_user_error, snapshot
 from tests.test_hostile_input import FAST_TRAIN
@@ -192,7 +192,7 @@ def test_a_link_that_cannot_be_followed_is_passed_over_with_its_reason(trained, 
 # --- 9, 12: the Python API -----------------------------------------------------------------------------------
 
 def test_predict_takes_a_bare_path_as_one_input_and_a_zero_size_array_as_an_error_row(trained):
-    from MLPipeline.Predict import load_model, predict
+    from MLPipeline.extras.Predict import load_model, predict
     model = load_model(trained[1], "cpu")
     one = predict(model, str(trained[0] / "alpha" / "000.jpg"))
     assert list(one.input) == [str(trained[0] / "alpha" / "000.jpg")] and one.error.tolist() == [""]

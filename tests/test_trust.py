@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MLPipeline import Calibration, CrossValidation
-from MLPipeline.Common import UserError
+from MLPipeline.extras import Calibration, CrossValidation
+from MLPipeline.extras.Common import UserError
 
 LABELS = np.array([0] * 13 + [1] * 7 + [2] * 10 + [3] * 5)  # unequal classes, none a multiple of k
 

@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from MLPipeline import CreateDataset, Train, TrainConfig, load_model, predict, train
-from MLPipeline.Calibration import calibrated_probabilities
-from MLPipeline.CreateDataset import list_images, load_images
+from MLPipeline import CreateDataset, Train, load_model, predict
+from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import train
+from MLPipeline.extras.Calibration import calibrated_probabilities
+from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Data import load_images
 from tests.conftest import make_image_folder
 
 SETTINGS = dict(img_size=32, weights="none", backbone="resnet18", workers=0)

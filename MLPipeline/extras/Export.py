@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from MLPipeline.Common import UserError, atomic_write, check_archive, log, progress_reporter
+from MLPipeline.extras.Common import UserError, atomic_write, check_archive, log, progress_reporter
 from MLPipeline.CreateDataset import to_model_input
-from MLPipeline.OutputFolder import check_write_target
-from MLPipeline.ResNet_Model import Classifier, check_model_file, check_model_info, load_checkpoint
+from MLPipeline.extras.OutputFolder import check_write_target
+from MLPipeline.ResNet_Model import Classifier
+from MLPipeline.extras.Checkpoint import check_model_file, check_model_info, load_checkpoint
 
 FORMATS = ("onnx", "pt2")
 EXPORT_FORMAT = "doc-classifier-export/1"  # marks a file as exported by this project

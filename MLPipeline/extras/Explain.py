@@ -16,10 +16,10 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 from torch import nn
 
-from MLPipeline.Common import UserError, atomic_write, log
+from MLPipeline.extras.Common import UserError, atomic_write, log
 from MLPipeline.CreateDataset import resize
-from MLPipeline.ImageFiles import BadImageError, read_image
-from MLPipeline.OutputFolder import drawn_elsewhere
+from MLPipeline.extras.ImageFiles import BadImageError, read_image
+from MLPipeline.extras.OutputFolder import drawn_elsewhere
 
 BATCH_SIZE = 16  # images per Grad-CAM pass: the backward pass keeps the activations of the whole stage
 DISPLAY_SIDE = 768  # big JPEGs are decoded reduced to about this side for the pictures: faster, nothing lost

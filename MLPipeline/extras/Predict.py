@@ -9,16 +9,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-import MLPipeline.Report as Report
-from MLPipeline import Calibration
-from MLPipeline.Common import UserError, log, pick_device
-from MLPipeline.CreateDataset import image_batches, load_images, resize, skip_reasons, to_model_input, usable
-from MLPipeline.Distributed import is_main_process, sharded, start_distributed
-from MLPipeline.Explain import explain_evaluation
-from MLPipeline.Export import OnnxModel, load_onnx_model
-from MLPipeline.Folders import check_data_dir, find_presplit, index_folder, list_images
-from MLPipeline.OutputFolder import check_write_target, output_lock
-from MLPipeline.ResNet_Model import Classifier, forward_batches, inference_batch_size, load_checkpoint, prepare_model
+import MLPipeline.extras.Report as Report
+from MLPipeline.extras import Calibration
+from MLPipeline.extras.Common import UserError, log, pick_device
+from MLPipeline.CreateDataset import image_batches, resize, to_model_input
+from MLPipeline.ResNet_Model import Classifier, fast_bf16, forward_batches, inference_batch_size
+from MLPipeline.extras.Checkpoint import load_checkpoint
+from MLPipeline.extras.Data import load_images, loader, skip_reasons, usable
+from MLPipeline.extras.Distributed import is_main_process, sharded, start_distributed
+from MLPipeline.extras.Explain import explain_evaluation
+from MLPipeline.extras.Export import OnnxModel, load_onnx_model
+from MLPipeline.extras.Folders import check_data_dir, find_presplit, index_folder, list_images
+from MLPipeline.extras.OutputFolder import check_write_target, output_lock
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TrainedModel:
     device: torch.device
     info: dict  # the checkpoint's fields other than the weights
     temperature: float = 1.0  # fitted on a validation split, when training had one: probabilities = softmax(logits / T)
+    bf16: bool = False  # the backbone under bfloat16 autocast, as in training (fast_bf16; not when trained in fp32)
 
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         """Logits (on the CPU) of already decoded img_size x img_size uint8 RGB images."""
@@ -39,7 +42,7 @@ class TrainedModel:
         inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)))
         batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, torch.zeros(len(inputs), 0)),
                                               batch_size)
-        return forward_batches(self.network.eval(), batches, self.device, len(images), "predict")[0]
+        return forward_batches(self.network.eval(), batches, self.device, self.bf16, "predict")[0]
 
 
 def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> TrainedModel | OnnxModel:
@@ -56,8 +59,10 @@ def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> Tr
     network, checkpoint = load_checkpoint(path)
     target = start_distributed(pick_device(device))
     info = {key: value for key, value in checkpoint.items() if key != "state_dict"}
-    return TrainedModel(prepare_model(network, target).eval(), checkpoint["classes"], checkpoint["img_size"],
-                        tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info, checkpoint["temperature"])
+    bf16 = fast_bf16(target) and checkpoint.get("training", {}).get("precision", "auto") == "auto"
+    return TrainedModel(network.to(target, memory_format=torch.channels_last).eval(), checkpoint["classes"],
+                        checkpoint["img_size"], tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info,
+                        checkpoint["temperature"], bf16)
 
 
 def expand_inputs(inputs: list | str | Path) -> list:
@@ -77,8 +82,9 @@ def file_logits(model: TrainedModel | OnnxModel, paths: list[str], batch_size: i
     """Logits of the files that decode, their positions in `paths`, and {path: why not} of the others; the files
     stream through the model batch by batch, so a folder of any size keeps memory flat."""
     batches = image_batches(paths, model.img_size, batch_size or inference_batch_size(model.device, model.img_size),
-                            workers, max_pixels=max_pixels, pin_memory=model.device.type == "cuda")
-    logits, _, positions, failed = forward_batches(model.network, batches, model.device, len(paths), "predict")
+                            workers, load_image=loader(max_pixels), pin_memory=model.device.type == "cuda")
+    logits, _, positions, failed = forward_batches(model.network, batches, model.device,
+                                                   getattr(model, "bf16", False), "predict")
     return logits, positions, failed
 
 

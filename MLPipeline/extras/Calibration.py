@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
-from MLPipeline.Common import UserError, log
-from MLPipeline.Report import save_figure
+from MLPipeline.extras.Common import UserError, log
+from MLPipeline.extras.Report import save_figure
 
 TEMPERATURE_RANGE = (0.05, 20.0)  # beyond these, the held-out logits are degenerate, not mis-scaled
 MIN_CALIBRATION_IMAGES = 10  # fewer held-out images say too little about the confidence to fit it

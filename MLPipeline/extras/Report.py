@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
-from MLPipeline.Common import atomic_write, first_line, log
+from MLPipeline.Train import confusion_matrix, loss_and_accuracy  # noqa: F401 (re-exported)
+from MLPipeline.extras.Common import atomic_write, first_line, log
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MAX_MATRIX_CLASSES = 40  # beyond this a confusion-matrix figure is unreadable: metrics.json has the numbers
@@ -23,8 +24,7 @@ MAX_MATRIX_CLASSES = 40  # beyond this a confusion-matrix figure is unreadable: 
 
 def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, confusion matrix (rows = true, columns = predicted) and per-class precision/recall/F1."""
-    confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(confusion, (np.asarray(true_labels), np.asarray(predicted)), 1)
+    confusion = confusion_matrix(true_labels, predicted, len(classes))
     hits = np.diag(confusion)
     predicted_counts, true_counts = confusion.sum(0), confusion.sum(1)
     precision = np.divide(hits, predicted_counts, out=np.zeros(len(classes)), where=predicted_counts > 0)
@@ -35,32 +35,6 @@ def classification_report(true_labels: np.ndarray, predicted: np.ndarray, classe
                  for name, p, r, f, n in zip(classes, precision, recall, f1, true_counts)]
     return {"accuracy": float(hits.sum() / max(confusion.sum(), 1)), "classes": list(classes),
             "confusion_matrix": confusion.tolist(), "per_class": per_class}
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Cross-entropy against one-hot targets, and the fraction of correct argmax predictions."""
-    loss = torch.nn.functional.cross_entropy(logits, torch.nn.functional.one_hot(labels, logits.shape[1]).float())
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
-
-
-def training_metrics(settings: dict, device, provenance: dict, index: pd.DataFrame, test_labels, test_logits,
-                     classes: list[str], **more) -> dict:
-    """metrics.json of a training run: its settings, device and backbone, the data used, the test report, and
-    `more` (history, timings, ...) as given; timings rounded to 10 ms."""
-    report = classification_report(test_labels.numpy(), test_logits.argmax(1).numpy(), classes)
-    more["timings_s"] = {key: round(value, 2) for key, value in more["timings_s"].items()}
-    return {"config": {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()},
-            "device": str(device), "torch_version": str(torch.__version__), **provenance,
-            "dataset": dataset_summary(index), "test_accuracy": report.pop("accuracy"), **report, **more}
-
-
-def dataset_summary(index: pd.DataFrame) -> dict:
-    """Images used per class and split, the files skipped with their reasons, and held-out copies of training files."""
-    used, skipped, duplicates = index[index.skipped == ""], index[index.skipped != ""], index[index.duplicate_of != ""]
-    counts = {label: rows.split.value_counts().sort_index().to_dict() for label, rows in used.groupby("label")}
-    return {"classes": sorted(index.label.unique()), "counts": counts,
-            "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped)),
-            "duplicates": dict(zip(duplicates.path, duplicates.duplicate_of))}
 
 
 def strict_json(value):

@@ -1,6 +1,6 @@
 """Reading one real-world file into 8-bit RGB pixels: every format, EXIF rotation, size limits, truncation.
 
-The recipe calls `read_image`; it either returns the pixels or raises BadImageError with the reason, for
+The tool's decode path (Data.load_image) calls `read_image`; it either returns the pixels or raises BadImageError with the reason, for
 any file: not an image, corrupt, truncated, too big, unreadable.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from MLPipeline.CreateDataset import BadImageError, resize
+
 PILLOW_FORMATS = {"HEIF", "AVIF"}  # OpenCV cannot decode HEIF and ignores the rotation AVIF stores; Pillow does both
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # default of --max-pixels: Pillow's decompression-bomb limit (about 89 megapixels)
 MIN_SIDE = 8  # smaller images carry nothing to classify
@@ -24,10 +26,6 @@ MIN_SIDE = 8  # smaller images carry nothing to classify
 # its first resize. Images are decoded one per worker in parallel instead (detectron2 and mmcv do the same).
 cv2.setNumThreads(0)
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its warnings on bad files: ours name the file
-
-
-class BadImageError(Exception):
-    """This one file cannot be used as an image; the run skips it."""
 
 
 def read_image(path: str | Path, min_size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
@@ -138,3 +136,13 @@ def decode_with_pillow(data: np.ndarray) -> np.ndarray:
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except Exception as error:
         raise BadImageError(f"cannot be decoded ({error})") from None
+
+
+def load_image(path: str | Path, img_size: int, max_pixels: int | None = None) -> np.ndarray:
+    """The recipe's load_image for any real-world file: read_image, then the recipe's resize."""
+    return resize(read_image(path, img_size, max_pixels), img_size)
+
+
+def loader(max_pixels: int | None):
+    """load_image with its pixel limit, as a picklable callable for the recipe's ImageDataset."""
+    return functools.partial(load_image, max_pixels=max_pixels)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from MLPipeline.Common import log
+from MLPipeline.extras.Common import log
 
 MIN_IMAGES_TO_COMPARE = 500  # a run pushing fewer images through the backbone: not worth an export and a trial
 TOLERANCE = 1e-4  # largest difference from PyTorch's features allowed, relative to their size (at least 1)

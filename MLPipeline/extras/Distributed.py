@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from MLPipeline.Common import log
+from MLPipeline.extras.Common import log
 
 
 def world() -> tuple[int, int]:

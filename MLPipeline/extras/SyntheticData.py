@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from MLPipeline.Common import UserError
-from MLPipeline.Folders import list_images
-from MLPipeline.OutputFolder import check_write_target
+from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.OutputFolder import check_write_target
 
 CLASS_NAMES = ("driving_license", "social_security", "others")
 

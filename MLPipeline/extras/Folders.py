@@ -1,7 +1,7 @@
 """Walking real-world folders: which files are images, links and loops, sidecars, and copies across splits.
 
-The recipe calls `index_folder` (one row per file of each class folder) and `find_presplit`; the rest is
-what makes them safe on a phone's export, a shared drive or a folder of links.
+`index_folder` is the recipe's step of the same name (one row per file of each class folder) made safe on a
+phone's export, a shared drive or a folder of links; engine.py hands it to the recipe.
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from MLPipeline.Common import UserError, log
+from MLPipeline.CreateDataset import IMAGE_EXTENSIONS, check_data_dir, find_presplit  # noqa: F401 (re-exported)
+from MLPipeline.extras.Common import UserError, log
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
-                    ".jp2"}
 # What phones, cameras and file managers leave beside photos: passed over like hidden files, counted in one line.
 SIDECAR_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}
 SIDECAR_EXTENSIONS = {".aae", ".ini", ".json", ".md", ".thm", ".txt", ".xmp"}
@@ -24,9 +23,6 @@ NOT_IMAGE_REASONS = {".pdf": "PDF: export the pages as images",
                      ".mov": "video (a Live Photo's motion?): export a frame as an image",
                      ".mp4": "video: export a frame as an image",
                      ".dng": "camera RAW: export it as JPEG"}
-# Pre-split layouts, first match wins; folder names are matched case-insensitively.
-PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
-
 
 class UnreadableFolder(UserError):
     """A folder the system will not list: the end of the run for the data folder, a warning below it."""
@@ -56,13 +52,6 @@ def is_folder(entry: os.DirEntry) -> bool:
         return entry.is_dir()
     except OSError:
         return False
-
-
-def check_data_dir(data_dir: Path) -> None:
-    if not Path(data_dir).exists():
-        raise UserError(f"data folder {data_dir} does not exist")
-    if not Path(data_dir).is_dir():
-        raise UserError(f"data folder {data_dir} is not a folder")
 
 
 def folder_entries(folder: Path) -> list[os.DirEntry]:
@@ -151,22 +140,6 @@ def index_folder(folder: Path) -> pd.DataFrame:
     if loose:
         log.warning("warning: %d image(s) directly in %s are not in a class folder; ignored", len(loose), folder)
     return pd.DataFrame(rows, columns=["path", "label", "skipped"])
-
-
-def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
-    """The (train, test) folders of a pre-split layout, or None for a plain folder of classes."""
-    subfolders = {entry.name.lower(): Path(data_dir) / entry.name for entry in folder_entries(Path(data_dir))
-                  if is_folder(entry) and not is_passed_over(entry.name)}
-    for train_name, test_name in PRESPLIT_PAIRS:
-        if train_name in subfolders and test_name in subfolders:
-            train_dir, test_dir = subfolders[train_name], subfolders[test_name]
-            log.info("pre-split layout: training on %s, testing on %s", train_dir.name, test_dir.name)
-            ignored = sorted(p.name for p in subfolders.values() if p not in (train_dir, test_dir))
-            if ignored:
-                log.warning("warning: folder(s) %s in %s are not part of the train/test pair; ignored",
-                            ", ".join(ignored), data_dir)
-            return train_dir, test_dir
-    return None
 
 
 def mark_duplicates(index: pd.DataFrame, dedupe: bool = False) -> pd.DataFrame:

@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-import MLPipeline.Report as Report
-from MLPipeline.Calibration import balanced_class_weights
-from MLPipeline.Common import UserError, log
-from MLPipeline.Folders import find_presplit
+import MLPipeline.extras.Report as Report
+from MLPipeline.extras.Calibration import balanced_class_weights
+from MLPipeline.extras.Common import UserError, log
+from MLPipeline.extras.Folders import find_presplit
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
 
@@ -137,11 +137,10 @@ def cross_validation(data: dict, classes: list[str], config, device: torch.devic
         fold = TensorDataset(fold_features, torch.nn.functional.one_hot(labels, len(classes)).float())
         weight = (balanced_class_weights(labels, len(classes)).to(device) if config.class_weights == "balanced"
                   else None)
-        sampler = DistributedSampler(fold, 1, 0, shuffle=True, seed=config.seed)  # the recipe's order
-        for epoch in range(1, config.epochs + 1):
-            sampler.set_epoch(epoch)
-            train_one_epoch(head.train(), DataLoader(fold, config.batch_size, sampler=sampler), optimizer, device,
-                            weight)
+        order = torch.Generator().manual_seed(config.seed)  # the recipe's order
+        batches = DataLoader(fold, config.batch_size, shuffle=True, generator=order)
+        for _ in range(config.epochs):
+            train_one_epoch(head.train(), batches, optimizer, device, weight)
         return head.eval().cpu()
     result = cross_validate(features, targets.argmax(1), classes, config.folds, config.seed, train_head)
     log.info("%s; the final model trains on the training split as without --folds", summary_line(result))

@@ -1,6 +1,5 @@
-"""The basics every module uses: the user-error type, atomic file writes, the device, progress lines.
-
-It imports nothing from the project, so every other module can import it.
+"""The basics every machinery module uses: the user-error type and the device (the recipe's own), files
+written whole with every failure one clear line, checked loading of PyTorch files, signals, progress lines.
 """
 from __future__ import annotations
 
@@ -20,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("MLPipeline")
+from MLPipeline.CreateDataset import UserError, log
+from MLPipeline.ResNet_Model import atomic_write as replace_whole
+from MLPipeline.Train import pick_device
+
+__all__ = ["UserError", "log", "pick_device", "atomic_write", "safe_torch_load", "first_line",
+           "progress_reporter", "setup_logging", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
 
 PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 # The most a checkpoint or weights file may hold: the largest this project writes or reads (VGG16's weights)
 # is under 600 MB, so a file or archive beyond it is damaged or hostile, never one to expand.
 MAX_LOAD_BYTES = 4 * 2**30
-
-
-class UserError(Exception):
-    """A mistake the user can fix: the CLI prints the message and exits with status 2."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -102,29 +102,16 @@ def check_archive(path: Path, what: str) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[str]:
-    """`with atomic_write(path) as temp_name:` write temp_name, next to `path`; on leaving the block it is
-    os.replace'd in whole, so readers never see half a file.
-
-    A link, a FIFO or a device at `path` is refused, never replaced. A write that fails (a full disk,
-    whatever the writer raises, Ctrl-C) leaves the previous file as it was and no temporary file behind.
-    """
+    """The recipe's atomic_write (the file replaced whole, or left as it was), for the tool's outputs: a link,
+    a FIFO or a device at `path` is refused, never replaced, and a failed write (a full disk, a folder we may
+    not write to) is one error naming the file."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not stat.S_ISREG(path.stat().st_mode)):
         raise UserError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}, so it is "
                         f"not replaced: choose another file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_name = ""
     try:
-        # The name's first 40 characters (160 bytes at most): any legal name leaves room for the 14 added
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
-        os.close(handle)
-        yield temp_name
-        with open(temp_name, "rb+") as written:
-            os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        os.replace(temp_name, path)
+        with replace_whole(path) as temp_name:
+            yield temp_name
     except OSError as error:  # a full disk, a folder we may not write to: named with the file, one line
         raise OSError(error.errno, f"could not write {path} ({error.strerror or first_line(error)}); the file "
                       f"there before, if any, is unchanged") from None
@@ -133,31 +120,6 @@ def atomic_write(path: Path) -> Iterator[str]:
             raise
         raise OSError(errno.EIO, f"could not write {path} ({first_line(error)}); the file there before, if "
                       f"any, is unchanged") from None
-    finally:
-        if temp_name and os.path.exists(temp_name):
-            os.remove(temp_name)
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' = the GPU when there is one; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}': use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, training: bool = False):
-    """bf16 mixed precision on CUDA; a no-op on the CPU.
-
-    A GPU without bf16 gets fp16 for inference only: training in fp16 would need gradient scaling, and the
-    small heads trained here gain nothing from it, so that path trains in fp32.
-    """
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    enabled = device.type == "cuda" and (bf16 or not training)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16, enabled=enabled)
 
 
 def progress_reporter(label: str, total: int) -> Callable[[int], None]:
