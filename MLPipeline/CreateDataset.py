@@ -53,6 +53,10 @@ def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
                  if train in folders and test in folders), None)
     if pair:
         log.info("pre-split layout: training on %s, testing on %s", pair[0].name, pair[1].name)
+        others = sorted(path.name for path in folders.values() if path not in pair and not path.name.startswith("."))
+        if others:
+            log.warning("warning: folder(s) %s in %s are not part of the train/test pair; ignored",
+                        ", ".join(others), data_dir)
     return pair
 
 
@@ -75,10 +79,12 @@ def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, index_fo
                             f"name the class folders alike")
     else:
         index = stratified_split(index_folder(data_dir), test_size, seed)
-    usable = index[index.skipped == ""]
-    if usable.label.nunique() < 2:
-        raise UserError(f"no images of at least 2 classes found in {data_dir}: put them in one sub-folder per "
-                        f"class (e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg)")
+    classes = index[index.skipped == ""].label.nunique()
+    if classes == 0:
+        raise UserError(f"no images found in {data_dir}: put them in one sub-folder per class "
+                        f"(e.g. {data_dir}/cats/*.jpg, {data_dir}/dogs/*.jpg)")
+    if classes == 1:
+        raise UserError(f"{data_dir} has images of 1 class; at least 2 class folders are needed")
     return index
 
 
@@ -86,7 +92,8 @@ def stratified_split(index: pd.DataFrame, fraction: float, seed: int, to_split: 
     """Move round(fraction * n) 'train' images of each class (at least one) to `to_split`, by a seeded shuffle.
     Each class has its own random stream: adding images to one class leaves the others' split as it was."""
     index = index.assign(split=index.get("split", "train"))
-    for label, rows in index[(index.split == "train") & (index.skipped == "")].groupby("label"):
+    not_skipped = index.get("skipped", "") == ""  # files known not to be images are not drawn
+    for label, rows in index[(index.split == "train") & not_skipped].groupby("label"):
         if len(rows) < 2:
             raise UserError(f"class '{label}' has {len(rows)} training image; each class needs at least 2 "
                             f"to be split into train and {to_split}: add images or remove the folder")
@@ -105,7 +112,10 @@ def resize(image: np.ndarray, img_size: int) -> np.ndarray:
 
 def load_image(path: str | Path, img_size: int) -> np.ndarray:
     """A file as an img_size x img_size x 3 uint8 RGB array; BadImageError when it does not decode."""
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # fromfile: any file name
+    try:
+        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # fromfile: any file name
+    except (OSError, cv2.error) as error:
+        raise BadImageError(f"cannot be read ({error})") from None
     if image is None:
         raise BadImageError("not an image, or corrupt")
     return resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), img_size)

@@ -184,7 +184,10 @@ def atomic_write(path: Path):
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     with atomic_write(path) as temp_name:
-        torch.save(checkpoint, temp_name)
+        try:
+            torch.save(checkpoint, temp_name)
+        except RuntimeError as error:  # how torch.save reports a failed write (a full disk)
+            raise OSError(f"could not write {path} ({str(error).splitlines()[0]})") from None
 
 
 # --- The original project's entry point (see docs/original-project.md)

@@ -200,6 +200,9 @@ def TrainRestNet(model: Classifier, trainloader, testloader, epochs: int = 10, l
     """The original's training call on the recipe's loop: a line per epoch, then output_dir/model.pt. model: from
     ResNET_Model().model_builder(); loaders of (N x 3 x S x S images in [0, 1], N x C one-hot labels); classes:
     the class names (default: those of the create_dataset calls). Returns one row per epoch."""
+    if not hasattr(model, "provenance"):
+        raise UserError("TrainRestNet needs the model from ResNET_Model().model_builder(), which records where "
+                        "its weights came from")
     classes = CreateDataset.last_classes() if classes is None else list(classes)
     if classes is None or len(classes) != model.head.out_features:
         raise UserError(f"the model has {model.head.out_features} outputs but the class names known are "

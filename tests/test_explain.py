@@ -103,7 +103,8 @@ def quadrant_share(heatmaps: np.ndarray, quadrant: tuple[int, int]) -> np.ndarra
 
 def test_heatmap_points_at_the_quadrant_that_tells_the_classes_apart():
     torch.manual_seed(0)
-    network = Classifier(TinyBackbone(), nn.Linear(16, 2), (0.5,) * 3, (0.25,) * 3, unfreeze="all")
+    network = Classifier(TinyBackbone(), nn.Linear(16, 2), (0.5,) * 3, (0.25,) * 3)
+    network.backbone.requires_grad_(True)  # unfrozen: the backbone learns too
     images, labels = patch_images(64, seed=0, quadrant=(0, 0))
     optimiser = torch.optim.Adam(network.parameters(), 1e-2)
     network.train()
@@ -181,8 +182,9 @@ def test_explain_gives_a_map_of_the_original_size_and_the_predicted_probabilitie
     assert heatmap.shape == (50, 80) and 0 <= heatmap.min() and heatmap.max() <= 1
     assert list(probabilities) == model.classes
     row = predict(model, [image]).iloc[0]  # the image the network saw is the one predict() classifies
+    # predict() runs the backbone in bfloat16 where the CPU computes it natively; Grad-CAM's gradients in fp32
     np.testing.assert_allclose([probabilities[name] for name in model.classes],
-                               [row[f"p_{name}"] for name in model.classes], atol=1e-4)
+                               [row[f"p_{name}"] for name in model.classes], atol=2e-3)
     path = sorted((tiny_data / "beta").iterdir())[0]
     heatmap, _ = Explain.explain(model, path, "gamma")
     assert heatmap.shape == cv2.imread(str(path)).shape[:2] == (48, 40)

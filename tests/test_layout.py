@@ -1,48 +1,64 @@
-"""The layout a reader relies on: short recipe files, imports that flow one way, and a recipe that loads
-none of the optional machinery's dependencies."""
+"""The layout a reader relies on: the recipe (CreateDataset, ResNet_Model, Train) is a leaf that imports
+nothing of the project but itself, the machinery (MLPipeline/extras) never is imported by it, and importing
+the recipe loads few lines and none of the optional dependencies."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 
 from tests.conftest import ROOT
 
-RECIPE = ("CreateDataset", "ResNet_Model", "Train", "Predict")
-# Who may import whom: a module imports only modules of a lower level (the machinery may use each other).
-LEVELS = {"engine": 5, "Train": 4, "Predict": 4, "Config": 3, "Export": 3, "Explain": 3, "CreateDataset": 2,
-          "ResNet_Model": 2, "Common": 0}
-MACHINERY = 1  # every other module of MLPipeline
-
-
-def level(module: str) -> int:
-    return LEVELS.get(module, MACHINERY)
+RECIPE = {"CreateDataset", "ResNet_Model", "Train"}
 
 
 def project_imports(path) -> set[str]:
-    """The MLPipeline modules a file imports, at its top or inside its functions."""
+    """The project modules a file imports, at its top or inside its functions, as dotted names under MLPipeline."""
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("MLPipeline"):
-            parts = node.module.split(".")
-            imported |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "MLPipeline":
+            names = node.module.split(".")[1:]
+            imported |= {".".join(names)} if names else {alias.name for alias in node.names}
         elif isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("MLPipeline.")}
+            imported |= {alias.name.split(".", 1)[1] for alias in node.names if alias.name.startswith("MLPipeline.")}
     return imported
 
 
-def test_recipe_files_are_at_most_300_lines():
-    lengths = {name: len((ROOT / "MLPipeline" / f"{name}.py").read_text().splitlines()) for name in RECIPE}
-    assert all(length <= 300 for length in lengths.values()), lengths
+def test_the_recipe_imports_only_the_recipe():
+    imports = {name: project_imports(ROOT / "MLPipeline" / f"{name}.py") for name in RECIPE}
+    assert all(modules <= RECIPE for modules in imports.values()), imports
 
 
-def test_no_module_imports_one_above_it():
-    modules = {path.stem: path for path in (ROOT / "MLPipeline").glob("*.py") if path.stem != "__init__"}
-    modules["engine"] = ROOT / "engine.py"
-    upward = {(name, other) for name, path in modules.items() for other in project_imports(path)
-              if other in modules and other != name
-              and (level(other) > level(name) or (level(other) == level(name) and level(name) != MACHINERY))}
-    assert not upward, upward
+def test_the_machinery_imports_the_recipe_and_itself_only():
+    for path in (ROOT / "MLPipeline" / "extras").glob("*.py"):
+        outside = {name for name in project_imports(path) if name not in RECIPE and not name.startswith("extras")}
+        assert not outside, (path.name, outside)
+
+
+def test_the_rule_is_checked_on_real_imports():
+    """The check above would catch a recipe file that imported the machinery (here: a made-up one)."""
+    assert project_imports_of_text("def f():\n    from MLPipeline.extras.Common import log\n") == {"extras.Common"}
+
+
+def project_imports_of_text(text: str) -> set[str]:
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "module.py"
+        path.write_text(text)
+        return project_imports(path)
+
+
+def test_importing_the_recipe_loads_at_most_5_modules_and_800_lines():
+    script = ("import sys, json, MLPipeline.Train; mods = sorted(m for m in sys.modules if m.split('.')[0] == "
+              "'MLPipeline'); print(json.dumps([mods, sum(len(open(sys.modules[m].__file__).read().splitlines()) "
+              "for m in mods)]))")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    modules, lines = json.loads(loaded.stdout)
+    assert len(modules) <= 5 and lines <= 800, (modules, lines)
+    assert not any(module.startswith("MLPipeline.extras") for module in modules)
 
 
 def test_importing_the_recipe_loads_no_optional_dependency():

@@ -283,7 +283,7 @@ def saved(tmp_path_factory):
         model.head.weight.normal_(generator=generator)
     classes = ["driving_licence", "others", "social_security"]
     path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
-    save_checkpoint(path, checkpoint_dict(model, classes, 48, provenance, extra={"epochs": 2}))
+    save_checkpoint(path, checkpoint_dict(model, classes, 48, provenance, training={"epochs": 2}))
     return path, model.eval(), classes
 
 
@@ -295,7 +295,7 @@ def test_checkpoint_round_trip(saved):
     assert checkpoint["img_size"] == 48
     assert checkpoint["arch"] == "resnet50"
     assert checkpoint["pretrained"] is False
-    assert checkpoint["epochs"] == 2
+    assert checkpoint["training"]["epochs"] == 2
     images = batch(48, count=3, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), rtol=1e-5, atol=1e-5)

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 import MLPipeline.CreateDataset
+import MLPipeline.Train
+import MLPipeline.extras.Pipeline
 import MLPipeline.extras.Report
 import MLPipeline.ResNet_Model
 from MLPipeline.extras.Config import RunConfig as TrainConfig
@@ -64,7 +66,7 @@ def lite0(tiny_data, tmp_path_factory) -> Path:
     from MLPipeline.extras.Export import export_model
     output_dir = tmp_path_factory.mktemp("lite0")
     train(TrainConfig(data_dir=tiny_data, output_dir=output_dir, backbone="efficientnet_lite0", weights="imagenet",
-                      img_size=32, epochs=1, workers=0))
+                      img_size=32, epochs=1, workers=0, precision="fp32"))
     export_model(output_dir / "model.pt", "onnx")
     return output_dir / "model.pt"
 
@@ -153,15 +155,15 @@ def test_ctrl_c_during_feature_extraction_keeps_the_previous_outputs(cli, previo
     def interrupted(*args, **kwargs):
         calls.append(kwargs.get("label", args[4] if len(args) > 4 else ""))
         raise KeyboardInterrupt
-    monkeypatch.setattr(MLPipeline.Train, "forward_batches", interrupted)
+    monkeypatch.setattr(MLPipeline.extras.Pipeline, "forward_batches", interrupted)  # --cache-dir: the tool's run
     result, output, before, _, cache = interrupted_run(cli, previous_run, tmp_path)
     assert calls == ["features"], calls  # it was the frozen backbone's feature extraction that was stopped
     assert_interrupted_cleanly(result, output, cache)
     assert {name: (output / name).read_bytes() for name in OUTPUTS} == before  # every file byte for byte
 
 
-@pytest.mark.parametrize("target, position", [("metrics.json", 3), ("model.pt", 6)],
-                         ids=["3rd write, metrics.json", "last write, model.pt"])
+@pytest.mark.parametrize("target, position", [("metrics.json", 5), ("model.pt", 6)],
+                         ids=["5th write, metrics.json", "last write, model.pt"])
 def test_ctrl_c_during_the_final_writes_keeps_each_file_whole(cli, previous_run, tmp_path, monkeypatch, target,
                                                               position):
     """Ctrl-C in the middle of writing an output file (half of it written): each output is the previous run's
@@ -179,6 +181,7 @@ def test_ctrl_c_during_the_final_writes_keeps_each_file_whole(cli, previous_run,
                 raise KeyboardInterrupt
     monkeypatch.setattr(MLPipeline.extras.Report, "atomic_write", interrupted_write)
     monkeypatch.setattr(MLPipeline.ResNet_Model, "atomic_write", interrupted_write)
+    monkeypatch.setattr(MLPipeline.Train, "atomic_write", interrupted_write)
     result, output, before, data, cache = interrupted_run(cli, previous_run, tmp_path)
     assert written[-1] == target and len(written) == position, written
     assert_interrupted_cleanly(result, output, cache)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from MLPipeline import CreateDataset
-from MLPipeline.extras import FeatureCache
+from MLPipeline.extras import FeatureCache, ImageFiles
 from MLPipeline.extras.Config import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
-from MLPipeline.CreateDataset import image_batches
+from MLPipeline.CreateDataset import image_batches, to_model_input
 from MLPipeline.extras.Folders import list_images
 from MLPipeline.extras.Data import load_images
+from MLPipeline.extras.ImageFiles import load_image
 from MLPipeline.extras.Weights import build_model
 from MLPipeline.ResNet_Model import forward_batches
 
@@ -44,12 +44,12 @@ def data(tiny_data, tmp_path):
 def decode_count(monkeypatch):
     """How many files the decode path read since the test started (in this process: workers=0)."""
     count = {"files": 0}
-    real = CreateDataset.load_image
+    real = ImageFiles.read_image
 
     def counting(*args):
         count["files"] += 1
         return real(*args)
-    monkeypatch.setattr(CreateDataset, "load_image", counting)
+    monkeypatch.setattr(ImageFiles, "read_image", counting)
     return count
 
 
@@ -59,15 +59,18 @@ def paths_of(folder) -> list[str]:
 
 def streamed_features(model, paths: list[str], batch_size: int = 8):
     """What a training run computes: the backbone's features, batch by batch as the files decode."""
-    features, _, positions, skipped = forward_batches(model.features, image_batches(paths, IMG_SIZE, batch_size),
-                                                      CPU, len(paths))
+    features, _, positions, skipped = forward_batches(model.features, image_batches(
+        paths, IMG_SIZE, batch_size, load_image=load_image), CPU)
     return features, positions, skipped
 
 
 def run(data, output_dir, **overrides):
-    """A training run of seconds: random ResNet18 (drawn from the seed, so the same backbone every run), 32 px."""
+    """A training run of seconds: random ResNet18 (drawn from the seed, so the same backbone every run), 32 px,
+    its features kept in output_dir/cache (--cache-dir)."""
     return train(TrainConfig(**{**dict(data_dir=data, output_dir=output_dir, img_size=IMG_SIZE, weights="none",
-                                       backbone="resnet18", epochs=1, workers=0), **overrides}))
+                                       backbone="resnet18", epochs=1, workers=0, cache_dir=output_dir / "cache",
+                                       precision="fp32"),
+                                **overrides}))
 
 
 def stored_cache(output_dir) -> dict:
@@ -80,7 +83,7 @@ def test_streamed_features_equal_features_of_images_held_in_memory(model, data, 
     streamed, positions, skipped = streamed_features(model, paths, batch_size=5)
     images, _ = load_images(paths[:-1], IMG_SIZE)
     with torch.inference_mode():
-        in_memory = model.features(CreateDataset.to_model_input(torch.from_numpy(images)))
+        in_memory = model.features(to_model_input(torch.from_numpy(images)))
     assert positions == list(range(len(paths) - 1)) and list(skipped) == [paths[-1]]
     torch.testing.assert_close(streamed, in_memory, rtol=1e-4, atol=1e-5)
 
@@ -132,7 +135,7 @@ def test_a_warm_cache_skips_what_a_cold_run_skips(data, tmp_path, cli):
     limited = 40 * 48 - 1  # every tiny image has 40 x 48 pixels: over this limit, all are skipped
     settings = ["--data-dir", data, "--img-size", IMG_SIZE, "--weights", "none", "--backbone", "resnet18",
                 "--epochs", 1, "--workers", 0, "--max-pixels", limited]
-    warm = cli(*settings, "--output-dir", tmp_path / "out")
+    warm = cli(*settings, "--output-dir", tmp_path / "out", "--cache-dir", tmp_path / "out" / "cache")
     cold = cli(*settings, "--output-dir", tmp_path / "cold")
     assert warm.returncode == cold.returncode == 2
     assert warm.stderr.splitlines()[-1] == cold.stderr.splitlines()[-1]
@@ -202,13 +205,13 @@ def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_run(data,
 def test_training_runs_share_the_cache_across_head_settings(data, tmp_path, decode_count, change):
     # Pretrained weights: a random backbone would be drawn from --seed, and rightly get a cache of its own.
     settings = dict(data_dir=data, output_dir=tmp_path / "out", img_size=IMG_SIZE, weights="imagenet",
-                    backbone="efficientnet_lite0", epochs=1, workers=0)
+                    backbone="efficientnet_lite0", epochs=1, workers=0, cache_dir=tmp_path / "cache")
     train(TrainConfig(**settings))
     decoded = decode_count["files"]
     assert decoded == len(paths_of(data))
     second = train(TrainConfig(**{**settings, **change}))
     assert decode_count["files"] == decoded  # the second run decoded nothing
-    fresh = train(TrainConfig(**{**settings, **change, "output_dir": tmp_path / "fresh"}))  # no cache there
+    fresh = train(TrainConfig(**{**settings, **change, "output_dir": tmp_path / "fresh", "cache_dir": None}))
     assert decode_count["files"] == 2 * decoded
     torch.testing.assert_close(second.test_logits, fresh.test_logits)  # cached features train the same head
     assert [row["train_loss"] for row in second.metrics["history"]] == pytest.approx(
@@ -242,12 +245,12 @@ def test_worker_processes_train_the_same_model_as_the_main_process(tiny_data, tm
 
 def test_progress_of_batches_without_files_counts_their_rows(monkeypatch, caplog):
     """Scoring features (TensorDataset batches, no file positions) reports progress instead of dividing by 0."""
-    from MLPipeline.extras import Common
-    monkeypatch.setattr(Common, "PROGRESS_SECONDS", 0.0)
+    from MLPipeline import ResNet_Model
+    monkeypatch.setattr(ResNet_Model, "PROGRESS_SECONDS", -1.0)
     features = torch.randn(40, 5)
     batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, torch.zeros(40, 0)), 8)
     with caplog.at_level(logging.INFO, logger="MLPipeline"):
-        outputs = forward_batches(lambda rows: rows * 2, batches, CPU, len(features), "scoring")[0]
+        outputs = forward_batches(lambda rows: rows * 2, batches, CPU, label="scoring")[0]
     torch.testing.assert_close(outputs, features * 2)
     assert "scoring: 8/40" in caplog.text
 

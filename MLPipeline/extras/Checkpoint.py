@@ -57,9 +57,8 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
 def check_model_info(info: dict, source) -> dict:
     """What prediction relies on, checked: a non-empty list of distinct class names, a whole img_size in range,
     3 finite means and positive stds, a finite positive temperature (1 when absent: an older checkpoint).
-    UserError naming `source` (a checkpoint or an exported file) otherwise. Returns info, completed."""
-    info.setdefault("temperature", 1.0)
-    classes, size, temperature = info.get("classes"), info.get("img_size"), info.get("temperature")
+    UserError naming `source` (a checkpoint or an exported file) otherwise. Returns info."""
+    classes, size, temperature = info.get("classes"), info.get("img_size"), info.get("temperature", 1.0)
     problems = []
     if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
             and len(set(classes)) == len(classes)):

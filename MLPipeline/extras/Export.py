@@ -205,4 +205,4 @@ def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
     if graph_input[1:3] != [info["img_size"]] * 2 or graph_output[1] != len(info["classes"]):
         raise UserError(f"{path}'s metadata do not match its graph ({len(info['classes'])} classes and img_size "
                         f"{info['img_size']}, for inputs {graph_input} and outputs {graph_output}): export it again")
-    return OnnxModel(session, info["classes"], info["img_size"], info, info["temperature"])
+    return OnnxModel(session, info["classes"], info["img_size"], info, info.get("temperature", 1.0))

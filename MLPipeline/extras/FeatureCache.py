@@ -38,16 +38,17 @@ def content_key(path: str) -> str:
     return file_digest(path) if file_size(path) >= 0 else ""
 
 
-def fingerprint(model: nn.Module, arch: str, img_size: int, max_pixels: int) -> str:
+def fingerprint(model: nn.Module, arch: str, img_size: int, max_pixels: int, bf16: bool = False) -> str:
     """A hash of everything besides the file that decides its features: the backbone's weights (two weights
     files of the same name must not share a cache), architecture, image size, mean/std, the pixel limit
-    (a file over it is skipped, never cached), the decode path's version and torch's (its kernels round)."""
+    (a file over it is skipped, never cached), the decode path's version, torch's (its kernels round) and
+    whether the backbone ran in bfloat16."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in model.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps([arch, img_size, model.mean, model.std, max_pixels, DECODE_VERSION,
-                              torch.__version__]).encode())
+                              torch.__version__, bf16]).encode())
     return digest.hexdigest()
 
 

@@ -54,13 +54,14 @@ def train_with_options(config: RunConfig) -> TrainingRun:
     if config.on_features():  # every process trains the head on every batch, in the recipe's order
         backbone = frozen_backbone(model, config, device, len(usable(index)))
         index, data, cache = read_features(backbone, model, index, classes, provenance, config, device)
-        network, loading = model.head, {}
-        sampler = torch.utils.data.RandomSampler(data["train"], generator=torch.Generator().manual_seed(config.seed))
+        network, loading, sampler = model.head, {}, None
+        order = dict(shuffle=True, generator=torch.Generator().manual_seed(config.seed))  # the recipe's order
     else:  # each process its share of every batch
         (index, data), cache = read_images(index, classes, config), None
         network, backbone = images_network(model, config, device, len(data["train"]) * config.epochs)
         loading = dict(num_workers=config.workers, collate_fn=decoded_batch, pin_memory=device.type == "cuda")
         sampler = DistributedSampler(data["train"], world_count, rank, shuffle=True, seed=config.seed)
+        order = dict(sampler=sampler)
     trained = data_parallel(network, device)  # under torchrun: DDP, gradients averaged at every step
     log.info("data: %s images of %d classes (%s), %d skipped; device %s", " + ".join(
         f"{len(split)} {name}" for name, split in data.items()), len(classes), ", ".join(classes),
@@ -78,7 +79,7 @@ def train_with_options(config: RunConfig) -> TrainingRun:
         from MLPipeline.extras.Calibration import balanced_class_weights
         train_labels = usable(index).query("split == 'train'").label.map(classes.index).to_numpy()
         weight = balanced_class_weights(torch.tensor(train_labels), len(classes)).to(device)
-    train_batches = DataLoader(data["train"], config.batch_size, sampler=sampler, **loading)
+    train_batches = DataLoader(data["train"], config.batch_size, **order, **loading)
     batch_size = config.inference_batch_size or inference_batch_size(device, config.img_size)
     held_out = {name: DataLoader(data[name], batch_size, **loading) for name in ("val", "test") if name in data}
     history, best = [], {"val_loss": math.inf, "epoch": config.epochs}
@@ -88,7 +89,7 @@ def train_with_options(config: RunConfig) -> TrainingRun:
         network.train()  # Classifier.train keeps a frozen backbone, and all BatchNorm, in eval mode
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": mean_over_processes(Train.train_one_epoch(trained, train_batches, optimizer, device,
-                                                                       weight), len(sampler))}
+                                                                       weight), len(sampler or data["train"]))}
         if scheduler:
             scheduler.step()
         for name, batches in held_out.items():
@@ -114,6 +115,7 @@ def train_with_options(config: RunConfig) -> TrainingRun:
     timings["total_s"] = time.perf_counter() - started
 
     metrics = run_metrics(config, device, provenance, index, history, test_logits, test_labels, classes, timings)
+    metrics["dataset"]["duplicates"] = dict(zip(*index.query("duplicate_of != ''")[["path", "duplicate_of"]].T.values))
     metrics.update(best_epoch=best["epoch"], trained_on="features" if config.on_features() else "images",
                    backbone_runtime=getattr(backbone, "name", "pytorch"), temperature=temperature or 1.0,
                    calibrated=temperature is not None, cross_validation=folds)
@@ -141,8 +143,9 @@ def read_features(backbone, model: Classifier, index: pd.DataFrame, classes: lis
     unusable file is skipped, each split's (features, one-hot targets), and the cache to save, if any."""
     rows = usable(index)
     keys = [content_key(path) for path in rows.path] if config.cache_dir else [""] * len(rows)
-    cache = load_cache(config.cache_dir, fingerprint(model, provenance["arch"], config.img_size, config.max_pixels),
-                       model.head.in_features) if config.cache_dir else None
+    bf16 = config.precision == "auto" and fast_bf16(device)
+    cache = load_cache(config.cache_dir, fingerprint(model, provenance["arch"], config.img_size, config.max_pixels,
+                                                     bf16), model.head.in_features) if config.cache_dir else None
     todo = [position for position, key in enumerate(keys) if not cache or key not in cache.rows]
     if cache:
         log.info("features: %d image(s) from the cache (%s), %d to compute", len(keys) - len(todo), cache.path,
@@ -151,7 +154,6 @@ def read_features(backbone, model: Classifier, index: pd.DataFrame, classes: lis
     mine = [todo[position] for position in my_share(len(todo), batch_size)]  # under torchrun: every N-th batch
     batches = image_batches(rows.path.iloc[mine].tolist(), config.img_size, batch_size, config.workers,
                             load_image=loader(config.max_pixels), pin_memory=device.type == "cuda")
-    bf16 = config.precision == "auto" and fast_bf16(device)
     computed, _, done, skipped = forward_batches(backbone, batches, device, bf16, "features")
     computed, done, skipped = gather_shares(computed, [mine[position] for position in done], skipped)
     index = mark_skipped(index, skipped)

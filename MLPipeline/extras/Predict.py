@@ -62,7 +62,7 @@ def load_model(path: str | Path = "output/model.pt", device: str = "auto") -> Tr
     bf16 = fast_bf16(target) and checkpoint.get("training", {}).get("precision", "auto") == "auto"
     return TrainedModel(network.to(target, memory_format=torch.channels_last).eval(), checkpoint["classes"],
                         checkpoint["img_size"], tuple(checkpoint["mean"]), tuple(checkpoint["std"]), target, info,
-                        checkpoint["temperature"], bf16)
+                        checkpoint.get("temperature", 1.0), bf16)
 
 
 def expand_inputs(inputs: list | str | Path) -> list:
