@@ -130,17 +130,26 @@ def compute_features(model: Classifier, index: pd.DataFrame, classes: list[str],
     features, _, read, failed = forward_batches(model.features, batches, device, bf16, "features")
     index = index.assign(skipped=[failed.get(path, why) for path, why in zip(index.path, index.skipped)])
     rows = rows.iloc[read]
-    for label in classes:
-        if not ((rows.split == "train") & (rows.label == label)).any():
-            raise UserError(f"class '{label}' has no usable training images (after skipping unreadable files)")
-    if not (rows.split == "test").any():
-        raise UserError("the test split has no usable images: add images or check the folder layout")
+    check_enough_left(rows, classes)
     log.info("data: %d train + %d test images of %d classes (%s), %d skipped; device %s%s",
              (rows.split == "train").sum(), (rows.split == "test").sum(), len(classes), ", ".join(classes),
              (index.skipped != "").sum(), device, ", bfloat16" if bf16 else "")
     one_hot = F.one_hot(torch.tensor(rows.label.map(classes.index).to_numpy()), len(classes)).float()
     table = TensorDataset(features, one_hot)  # each split a Subset of it: the features are never copied
     return index, {split: Subset(table, np.flatnonzero(rows.split == split).tolist()) for split in ("train", "test")}
+
+
+def check_enough_left(used: pd.DataFrame, classes: list[str], held_out: tuple[str, ...] = ("test",)) -> None:
+    """After skipping the files that did not decode, each class still needs a training image, and each
+    held-out split an image; a class without test images is a warning."""
+    for label in classes:
+        if not ((used.label == label) & (used.split == "train")).any():
+            raise UserError(f"class '{label}' has no usable training images (after skipping unreadable files)")
+    for split in held_out:
+        if not (used.split == split).any():
+            raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
+    for label in sorted(set(classes) - set(used.label[used.split == "test"])):
+        log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
 
 
 def score(network, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from MLPipeline.CreateDataset import image_batches  # noqa: E402
 from MLPipeline.extras.Folders import list_images
 from MLPipeline.extras.OnnxBackbone import FrozenBackbone  # noqa: E402
 from MLPipeline.extras.Weights import build_model
-from MLPipeline.ResNet_Model import forward_batches, prepare_model  # noqa: E402
+from MLPipeline.ResNet_Model import fast_bf16, forward_batches  # noqa: E402
 from MLPipeline.extras.SyntheticData import make_demo_data  # noqa: E402
 from MLPipeline.extras.Config import RunConfig as TrainConfig  # noqa: E402
 from MLPipeline.extras.Run import train
@@ -44,32 +44,38 @@ def timed(function, *args, **kwargs):
 
 def cache_rows(data: Path, img_size: int, backbone: str) -> None:
     output = Path(tempfile.mkdtemp())
-    settings = dict(data_dir=data, output_dir=output, img_size=img_size, backbone=backbone, weights="imagenet")
+    settings = dict(data_dir=data, output_dir=output, img_size=img_size, backbone=backbone, weights="imagenet",
+                    cache_dir=output / "cache")
     first = train(TrainConfig(**settings))
     second = train(TrainConfig(**settings, lr=1e-4))
     first_s, second_s = first.metrics["timings_s"]["data_s"], second.metrics["timings_s"]["data_s"]
-    print(f"cache: {backbone} at {img_size} px, python engine.py twice on the same output folder")
+    print(f"cache: {backbone} at {img_size} px, python engine.py --cache-dir twice on the same output folder")
     print(f"  first run   decode + features {first_s:7.2f} s   total {first.metrics['timings_s']['total_s']:6.1f} s")
     print(f"  second run  decode + features {second_s:7.2f} s   total {second.metrics['timings_s']['total_s']:6.1f} s"
           f"   ({first_s / max(second_s, 1e-3):.0f}x less for decode + features)")
 
 
-def files_through(network, paths: list[str], img_size: int, device: torch.device, batch_size: int, workers: int = 0):
+def files_through(network, paths: list[str], img_size: int, device: torch.device, batch_size: int, workers: int = 0,
+                  bf16: bool = False):
     """network's outputs for the files, decoded by `workers` processes: a training run's feature extraction."""
-    return forward_batches(network, image_batches(paths, img_size, batch_size, workers), device, len(paths))
+    return forward_batches(network, image_batches(paths, img_size, batch_size, workers), device, bf16)
 
 
 def feature_rows(paths: list[str], img_size: int, backbone: str) -> None:
-    model = prepare_model(build_model(3, backbone, "imagenet")[0].eval(), CPU)
-    runtimes = {"pytorch": model.features, "onnxruntime": FrozenBackbone(model, CPU, "onnxruntime")}
+    model = build_model(3, backbone, "imagenet")[0].eval().to(CPU, memory_format=torch.channels_last)
+    runtimes = {"pytorch": (model.features, False), "onnxruntime": (FrozenBackbone(model, CPU, "onnxruntime"), False)}
+    if fast_bf16(CPU):
+        runtimes["pytorch bf16"] = (model.features, True)
     speeds = {}
-    for name, network in runtimes.items():
-        files_through(network, paths[:16], img_size, CPU, 8)  # warm-up (and, for ONNX Runtime, the export)
-        (features, *_), seconds = timed(files_through, network, paths, img_size, CPU, 8, workers=2)
+    for name, (network, bf16) in runtimes.items():
+        files_through(network, paths[:16], img_size, CPU, 8, bf16=bf16)  # warm-up (ONNX Runtime: the export)
+        (features, *_), seconds = timed(files_through, network, paths, img_size, CPU, 8, workers=2, bf16=bf16)
         speeds[name] = len(paths) / seconds
     print(f"features: {backbone} at {img_size} px, {len(paths)} images, batches of 8, 2 decode workers")
     print(f"  PyTorch {speeds['pytorch']:.1f} images/s, ONNX Runtime {speeds['onnxruntime']:.1f} images/s "
-          f"({speeds['onnxruntime'] / speeds['pytorch']:.2f}x)")
+          f"({speeds['onnxruntime'] / speeds['pytorch']:.2f}x)" + (
+              f", PyTorch bf16 {speeds['pytorch bf16']:.1f} ({speeds['pytorch bf16'] / speeds['pytorch']:.2f}x)"
+              if "pytorch bf16" in speeds else ""))
 
 
 def decode_rows(paths: list[str], img_size: int) -> None:

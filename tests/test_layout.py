@@ -50,21 +50,22 @@ def project_imports_of_text(text: str) -> set[str]:
         return project_imports(path)
 
 
+def python_prints(script: str) -> str:
+    """What a fresh interpreter in the project's root prints running `script` (a fresh one: nothing imported)."""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_importing_the_recipe_loads_at_most_5_modules_and_800_lines():
-    script = ("import sys, json, MLPipeline.Train; mods = sorted(m for m in sys.modules if m.split('.')[0] == "
-              "'MLPipeline'); print(json.dumps([mods, sum(len(open(sys.modules[m].__file__).read().splitlines()) "
-              "for m in mods)]))")
-    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr
-    modules, lines = json.loads(loaded.stdout)
+    modules, lines = json.loads(python_prints(
+        "import sys, json, MLPipeline.Train; mods = sorted(m for m in sys.modules if m.split('.')[0] == "
+        "'MLPipeline'); print(json.dumps([mods, sum(len(open(sys.modules[m].__file__).read().splitlines()) "
+        "for m in mods)]))"))
     assert len(modules) <= 5 and lines <= 800, (modules, lines)
     assert not any(module.startswith("MLPipeline.extras") for module in modules)
 
 
 def test_importing_the_recipe_loads_no_optional_dependency():
-    script = ("import sys, MLPipeline.Train, MLPipeline.extras.Predict; "
-              "print(sorted(name for name in ('onnx', 'onnxruntime', 'onnxscript', 'timm', 'pillow_heif') "
-              "if name in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.strip() == "[]"
+    assert python_prints("import sys, MLPipeline.Train, MLPipeline.extras.Predict; print(sorted(name for name in "
+                         "('onnx', 'onnxruntime', 'onnxscript', 'timm', 'pillow_heif') if name in sys.modules))") == "[]"

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from MLPipeline.CreateDataset import UserError, log
+from MLPipeline.ResNet_Model import PROGRESS_SECONDS  # noqa: F401 (how often long loops print a line)
 from MLPipeline.ResNet_Model import atomic_write as replace_whole
 from MLPipeline.Train import pick_device
 
 __all__ = ["UserError", "log", "pick_device", "atomic_write", "safe_torch_load", "first_line",
            "progress_reporter", "setup_logging", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
 
-PROGRESS_SECONDS = 10.0  # how often long loops print a progress line
 # The most a checkpoint or weights file may hold: the largest this project writes or reads (VGG16's weights)
 # is under 600 MB, so a file or archive beyond it is damaged or hostile, never one to expand.
 MAX_LOAD_BYTES = 4 * 2**30

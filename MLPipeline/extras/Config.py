@@ -51,6 +51,10 @@ class RunConfig(TrainConfig):
         """Whether the head trains on a frozen backbone's features computed once, or the network on images."""
         return self.unfreeze == "none" and self.feature_cache and not self.augment
 
+    def held_out(self) -> tuple[str, ...]:
+        """The splits besides train: test, and val with --val-size."""
+        return ("test", "val") if self.val_size else ("test",)
+
     def is_the_recipe(self) -> bool:
         """Whether every option of the tool is at its default: the run is then the recipe's own."""
         return all(getattr(self, option.name) == option.default for option in fields(self)

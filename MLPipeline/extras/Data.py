@@ -13,10 +13,10 @@ import pandas as pd
 
 from MLPipeline.CreateDataset import BadImageError, UserError, image_batches, log, stratified_split
 from MLPipeline.CreateDataset import build_index as recipe_index
-from MLPipeline.extras.Folders import check_data_dir, index_folder, mark_duplicates
+from MLPipeline.extras.Folders import index_folder, mark_duplicates
 from MLPipeline.extras.ImageFiles import load_image, loader
 
-__all__ = ["build_index", "load_image", "load_images", "usable", "mark_skipped", "skip_reasons", "check_enough_left",
+__all__ = ["build_index", "load_image", "load_images", "usable", "mark_skipped", "skip_reasons",
            "unreadable", "image_batches", "stratified_split", "BadImageError"]
 
 
@@ -25,7 +25,6 @@ def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, val_size
     """The recipe's index of data_dir, its folders walked by Folders.index_folder; with val_size, a validation
     split carved out of each class's training images; `duplicate_of` names the training file a held-out file
     is a copy of (with dedupe, that copy is skipped)."""
-    check_data_dir(data_dir)
     index = recipe_index(data_dir, test_size, seed, index_folder)
     if val_size:
         index = stratified_split(index, val_size, seed, to_split="val")
@@ -46,18 +45,6 @@ def skip_reasons(index: pd.DataFrame) -> dict[str, str]:
     """{path: why it was not used} for every file of the index that was not."""
     skipped = index[index.skipped != ""]
     return dict(zip(skipped.path, skipped.skipped))
-
-
-def check_enough_left(used: pd.DataFrame, classes: list[str], needs_val: bool) -> None:
-    """After skipping bad files, every class still needs a training image, and each split an image."""
-    for label in classes:
-        if not ((used.label == label) & (used.split == "train")).any():
-            raise UserError(f"class '{label}' has no usable training images (after skipping unreadable files)")
-    for split in ("test", "val") if needs_val else ("test",):
-        if not (used.split == split).any():
-            raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
-    for label in sorted(set(classes) - set(used.label[used.split == "test"])):
-        log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
 
 
 def unreadable(paths: list[str], img_size: int, workers: int = 0, max_pixels: int | None = None) -> dict[str, str]:

@@ -21,10 +21,10 @@ from MLPipeline import Train
 from MLPipeline.CreateDataset import ImageDataset, decoded_batch, image_batches
 from MLPipeline.ResNet_Model import (Classifier, build_model, checkpoint_dict, fast_bf16, forward_batches,
                                      inference_batch_size)
-from MLPipeline.Train import TrainingRun, run_metrics, save_outputs, score
+from MLPipeline.Train import TrainingRun, check_enough_left, run_metrics, save_outputs, score
 from MLPipeline.extras.Common import log, pick_device
 from MLPipeline.extras.Config import RunConfig
-from MLPipeline.extras.Data import build_index, check_enough_left, mark_skipped, unreadable, usable
+from MLPipeline.extras.Data import build_index, mark_skipped, unreadable, usable
 from MLPipeline.extras.Distributed import data_parallel, gather, gather_shares, my_share, start_distributed, world
 from MLPipeline.extras.FeatureCache import FeatureCache, content_key, fingerprint, load_cache, save_cache
 from MLPipeline.extras.ImageFiles import loader
@@ -157,7 +157,7 @@ def read_features(backbone, model: Classifier, index: pd.DataFrame, classes: lis
     computed, _, done, skipped = forward_batches(backbone, batches, device, bf16, "features")
     computed, done, skipped = gather_shares(computed, [mine[position] for position in done], skipped)
     index = mark_skipped(index, skipped)
-    check_enough_left(usable(index), classes, config.val_size > 0)
+    check_enough_left(usable(index), classes, config.held_out())
     features = torch.empty(len(keys), model.head.in_features)  # a row per file, in the index's order
     found = [position for position, key in enumerate(keys) if cache and key in cache.rows]
     if found:
@@ -182,7 +182,7 @@ def read_images(index: pd.DataFrame, classes: list[str], config: RunConfig) -> t
     that do not decode are found and named first, so that every epoch has the same batches."""
     index = mark_skipped(index, unreadable(usable(index).path.tolist(), config.img_size, config.workers,
                                            config.max_pixels))
-    check_enough_left(usable(index), classes, config.val_size > 0)
+    check_enough_left(usable(index), classes, config.held_out())
     rows = usable(index)
     targets = F.one_hot(torch.tensor(rows.label.map(classes.index).to_numpy()), len(classes)).float()
     split_of = rows.split.to_numpy()
