@@ -53,7 +53,8 @@ def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
                  if train in folders and test in folders), None)
     if pair:
         log.info("pre-split layout: training on %s, testing on %s", pair[0].name, pair[1].name)
-        others = sorted(path.name for path in folders.values() if path not in pair and not path.name.startswith("."))
+        others = sorted(path.name for path in folders.values()
+                        if path not in pair and not path.name.startswith("."))
         if others:
             log.warning("warning: folder(s) %s in %s are not part of the train/test pair; ignored",
                         ", ".join(others), data_dir)
@@ -62,7 +63,8 @@ def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
 
 def check_data_dir(data_dir: Path) -> None:
     if not Path(data_dir).is_dir():
-        raise UserError(f"data folder {data_dir} {'is not a folder' if Path(data_dir).exists() else 'does not exist'}")
+        problem = "is not a folder" if Path(data_dir).exists() else "does not exist"
+        raise UserError(f"data folder {data_dir} {problem}")
 
 
 def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, index_folder=index_folder) -> pd.DataFrame:
@@ -133,7 +135,8 @@ class ImageDataset(Dataset):
     decoded_batch leaves it out of its batch. load_image: how a file becomes S x S x 3 uint8 RGB pixels.
     """
 
-    def __init__(self, paths: list[str], img_size: int, targets: torch.Tensor | None = None, load_image=load_image):
+    def __init__(self, paths: list[str], img_size: int, targets: torch.Tensor | None = None,
+                 load_image=load_image):
         self.paths, self.img_size, self.load_image = paths, img_size, load_image
         self.targets = targets if targets is not None else torch.zeros(len(paths), 0)
 
@@ -176,8 +179,9 @@ class CreateDataset:
     def last_classes() -> list[str] | None:
         """The classes of the last folder read (the test folder, read after the training one): they must be
         the training folder's, or the one-hot columns of the two would name different classes."""
-        if len(CreateDataset.folders_read) == 2 and CreateDataset.folders_read[0][1] != CreateDataset.folders_read[1][1]:
-            (train_dir, train_classes), (test_dir, test_classes) = CreateDataset.folders_read
+        read = CreateDataset.folders_read
+        if len(read) == 2 and read[0][1] != read[1][1]:
+            (train_dir, train_classes), (test_dir, test_classes) = read
             raise UserError(f"the class folders of {test_dir} ({', '.join(test_classes)}) differ from those of "
                             f"{train_dir} ({', '.join(train_classes)}): name them alike")
         return CreateDataset.folders_read[-1][1] if CreateDataset.folders_read else None

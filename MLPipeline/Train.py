@@ -42,7 +42,7 @@ class TrainConfig:
     weights: str = "auto"  # ImageNet (auto: as engine.py's weights policy; the recipe's own: torchvision's) | none
     device: str = "auto"  # the GPU when PyTorch sees one
     precision: str = "auto"  # auto: the backbone in bfloat16 where the hardware computes it natively | fp32
-    workers: int = min(4, os.cpu_count() or 1)  # processes that decode images while the backbone runs (0: the main process)
+    workers: int = min(4, os.cpu_count() or 1)  # processes decoding while the backbone runs (0: none)
 
     def __post_init__(self):
         self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
@@ -83,13 +83,12 @@ def train(config: TrainConfig, index_folder=index_folder, load_image=load_image,
     history = []
     for epoch in range(1, config.epochs + 1):
         train_loss = train_one_epoch(model.head.train(), train_batches, optimizer, device)
-        test_loss, test_accuracy = loss_and_accuracy(*score(model.head, test_batches, device))
+        test_logits, test_labels = score(model.head, test_batches, device)  # 5. the test score, every epoch
+        test_loss, test_accuracy = loss_and_accuracy(test_logits, test_labels)
         history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                         "test_accuracy": test_accuracy})
         log.info("epoch %d/%d  train loss %.4f  test loss %.4f  test accuracy %.2f%%", epoch, config.epochs,
                  train_loss, test_loss, 100 * test_accuracy)
-    # 5. Score the test split.
-    test_logits, test_labels = score(model.head, test_batches, device)
     timings["total_s"] = time.perf_counter() - started
     # 6. The outputs: metrics.json, then model.pt, each replaced whole.
     metrics = run_metrics(config, device, provenance, index, history, test_logits, test_labels, classes, timings)
@@ -136,7 +135,8 @@ def compute_features(model: Classifier, index: pd.DataFrame, classes: list[str],
              (index.skipped != "").sum(), device, ", bfloat16" if bf16 else "")
     one_hot = F.one_hot(torch.tensor(rows.label.map(classes.index).to_numpy()), len(classes)).float()
     table = TensorDataset(features, one_hot)  # each split a Subset of it: the features are never copied
-    return index, {split: Subset(table, np.flatnonzero(rows.split == split).tolist()) for split in ("train", "test")}
+    return index, {split: Subset(table, np.flatnonzero(rows.split == split).tolist())
+                   for split in ("train", "test")}
 
 
 def check_enough_left(used: pd.DataFrame, classes: list[str], held_out: tuple[str, ...] = ("test",)) -> None:
@@ -177,14 +177,16 @@ def run_metrics(config: TrainConfig, device: torch.device, provenance: dict, ind
                 timings: dict) -> dict:
     """metrics.json: the settings, device and backbone, the images used and skipped, the test report."""
     used, skipped = index[index.skipped == ""], index[index.skipped != ""]
-    return {"config": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()},
+    loss, accuracy = loss_and_accuracy(logits, labels)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    return {"config": settings,
             "device": str(device), "torch_version": str(torch.__version__), **provenance,
             "dataset": {"classes": classes, "counts": {label: rows.split.value_counts().sort_index().to_dict()
                                                        for label, rows in used.groupby("label")},
                         "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))},
-            "test_accuracy": loss_and_accuracy(logits, labels)[1], "test_loss": loss_and_accuracy(logits, labels)[0],
-            "classes": classes, "confusion_matrix": confusion_matrix(labels, logits.argmax(1), len(classes)).tolist(), "history": history,
-            "timings_s": {key: round(value, 2) for key, value in timings.items()}}
+            "test_accuracy": accuracy, "test_loss": loss, "classes": classes,
+            "confusion_matrix": confusion_matrix(labels, logits.argmax(1), len(classes)).tolist(),
+            "history": history, "timings_s": {key: round(value, 2) for key, value in timings.items()}}
 
 
 def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:
