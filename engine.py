@@ -220,7 +220,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     tool.add_argument("--backbone-runtime", default="pytorch", help="pytorch | onnxruntime | auto (the faster "
                       "of the two on the first batch) (default: %(default)s)")
     tool.add_argument("--inference-batch-size", type=int, help="batch size of feature extraction and scoring "
-                      "(default: 64 on a GPU, 32 at 200 px on the CPU)")
+                      "(default: 64 on a GPU, 16 at 200 px on the CPU)")
 
 
 def add_max_pixels_and_workers(parser: argparse.ArgumentParser) -> None:
