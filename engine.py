@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command_name == "train":
             config = train_config(args)
             with Run.checked_output(config):  # the folders it writes checked, the output folder locked
-                if config.is_the_recipe() and Run.world_size() == 1:  # the recipe, MLPipeline/Train.py
+                if Run.runs_the_recipe(config):  # the recipe, MLPipeline/Train.py
                     run = train(config, **Run.recipe_pieces(config))
                     Run.write_reports(run, config.output_dir)
                 else:  # an option, or torchrun: the recipe's pieces with the machinery they need

@@ -27,7 +27,7 @@ def train(config: TrainConfig | RunConfig) -> TrainingRun:
     the recipe (all options at their defaults) or the run with the options asked for."""
     config = config if isinstance(config, RunConfig) else RunConfig(**asdict(config))
     with checked_output(config):
-        if config.is_the_recipe() and world_size() == 1:
+        if runs_the_recipe(config):
             run = Train.train(config, **recipe_pieces(config))
             write_reports(run, config.output_dir)
             return run
@@ -47,9 +47,10 @@ def checked_output(config: RunConfig):
         yield
 
 
-def world_size() -> int:
-    """How many processes torchrun started for this job (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+def runs_the_recipe(config: RunConfig) -> bool:
+    """Whether the run is the recipe's own: every option of the tool at its default, and one process (a
+    torchrun job, WORLD_SIZE > 1, shards its work in Pipeline)."""
+    return config.is_the_recipe() and int(os.environ.get("WORLD_SIZE", 1)) == 1
 
 
 def recipe_pieces(config: RunConfig) -> dict:
@@ -61,7 +62,6 @@ def recipe_pieces(config: RunConfig) -> dict:
 def write_reports(run: TrainingRun, output_dir: Path) -> None:
     """split.csv (every file, why it was skipped, which held-out file copies a training file), history.csv
     and the plots, beside the recipe's metrics.json and model.pt. A plot that fails is a warning."""
-    index = run.index if "duplicate_of" in run.index else mark_duplicates(run.index)
-    Report.write_csv(output_dir / "split.csv", index)
+    Report.write_csv(output_dir / "split.csv", mark_duplicates(run.index))
     Report.write_csv(output_dir / "history.csv", pd.DataFrame(run.metrics["history"]))
     Report.plot_training(run.metrics, output_dir)
