@@ -60,10 +60,11 @@ class TrainingRun:
 
 
 def train(config: TrainConfig, index_folder=index_folder, load_image=load_image,
-          load_backbone=torchvision_backbone) -> TrainingRun:
-    """The recipe; writes config.output_dir/metrics.json, then model.pt. The last three arguments are the
-    recipe's plain ways to walk a folder, decode a file and get ImageNet weights; engine.py hands in the
-    tool's (odd folders and files, every image format, a pretrained backbone offline)."""
+          load_backbone=torchvision_backbone, save=None) -> TrainingRun:
+    """The recipe; writes config.output_dir/metrics.json, then model.pt. The last four arguments are the
+    recipe's plain ways to walk a folder, decode a file, get ImageNet weights and save; engine.py hands in the
+    tool's (odd folders and files, every image format, a pretrained backbone offline, a model.pt that also
+    knows its training images, to flag inputs unlike them)."""
     started, device = time.perf_counter(), pick_device(config.device)
     # 1. Index: a row per file (path, label, split, why it is skipped), the class being its folder.
     index = build_index(config.data_dir, config.test_size, config.seed, index_folder)
@@ -94,7 +95,7 @@ def train(config: TrainConfig, index_folder=index_folder, load_image=load_image,
     metrics = run_metrics(config, device, provenance, index, history, test_logits, test_labels, classes, timings)
     checkpoint = checkpoint_dict(model, classes, config.img_size, provenance, training={
         name: getattr(config, name) for name in ("epochs", "batch_size", "lr", "seed", "precision")})
-    save_outputs(config.output_dir, metrics, checkpoint)
+    (save or save_outputs)(config.output_dir, metrics, checkpoint, data)
     log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * metrics["test_accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["arch"],
              provenance["weights_source"], config.output_dir)
@@ -196,8 +197,9 @@ def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:
     return confusion
 
 
-def save_outputs(output_dir: Path, metrics: dict, checkpoint: dict) -> None:
-    """metrics.json, then model.pt last: a run stopped before here leaves the previous model in place."""
+def save_outputs(output_dir: Path, metrics: dict, checkpoint: dict, data: dict | None = None) -> None:
+    """metrics.json, then model.pt last: a run stopped before here leaves the previous model in place.
+    data (each split's features) is for a save that stores more; the recipe's needs none."""
     with atomic_write(Path(output_dir) / "metrics.json") as temp_name:
         Path(temp_name).write_text(json.dumps(metrics, indent=2) + "\n", errors="surrogateescape")
     save_checkpoint(Path(output_dir) / "model.pt", checkpoint)
