@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -18,9 +19,8 @@ import torch
 
 from MLPipeline.Train import train  # the recipe
 from MLPipeline.extras import Run  # noqa: I001 (the machinery around it)
-from MLPipeline.extras.Common import STOP_REQUESTED, Terminated, UserError, request_stop, setup_logging
-from MLPipeline.extras.Config import RunConfig, check_option
-from MLPipeline.extras.ImageFiles import MAX_PIXELS
+from MLPipeline.extras.Files import MAX_PIXELS
+from MLPipeline.extras.Run import STOP_REQUESTED, RunConfig, Terminated, UserError, check_option, request_stop
 from MLPipeline.extras.Weights import BACKBONES
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +30,18 @@ DEFAULT_MODEL = DEFAULT_OUTPUT_DIR / "model.pt"
 EXPORT_FORMATS = ("onnx", "pt2")
 
 
+
+
+def setup_logging() -> None:
+    """Every log line (progress, warnings) to stderr, bare; stdout is left to what a command prints for
+    scripts to read (predictions). A file name that is not valid UTF-8 goes to stdout byte for byte, as the
+    disk has it; stderr shows it escaped (as \\udcXX), Python's default for the real stderr."""
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
+            stream.reconfigure(errors=errors)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    for talkative in ("onnxscript", "onnx_ir"):  # the ONNX exporter's notes on each of its passes
+        logging.getLogger(talkative).setLevel(logging.WARNING)
 
 
 def train_config(args: argparse.Namespace) -> RunConfig:
@@ -304,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command_name == "train":
             config = train_config(args)
             with Run.checked_output(config):  # the folders it writes checked, the output folder locked
-                if Run.runs_the_recipe(config):  # the recipe, MLPipeline/Train.py
+                if config.is_the_recipe():  # the recipe, MLPipeline/Train.py
                     run = train(config, **Run.recipe_pieces(config))
                     Run.write_reports(run, config.output_dir)
                 else:  # an option, or torchrun: the recipe's pieces with the machinery they need

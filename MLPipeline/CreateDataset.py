@@ -22,11 +22,16 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
                     ".jp2"}
 # Pre-split layouts, the first pair found wins; folder names are matched case-insensitively.
 PRESPLIT_PAIRS = (("training_data", "testing_data"), ("train", "test"), ("train", "val"))
-log = logging.getLogger("MLPipeline")  # engine.py prints it: progress to stdout, warnings to stderr
+log = logging.getLogger("MLPipeline")  # engine.py prints it, to stderr
 
 
 class UserError(Exception):
     """A mistake the user can fix: engine.py prints the message and exits with status 2."""
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message, first line only: what a user needs, not a library's page of context."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class BadImageError(Exception):

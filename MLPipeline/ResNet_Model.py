@@ -7,6 +7,7 @@ bfloat16 where the hardware computes it natively.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -18,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from MLPipeline.CreateDataset import UserError
+from MLPipeline.CreateDataset import UserError, first_line
 
 log = logging.getLogger("MLPipeline")
 CHECKPOINT_FORMAT = "doc-classifier-checkpoint/1"
@@ -165,11 +166,13 @@ def checkpoint_dict(model: Classifier, classes: list[str], img_size: int, proven
 @contextlib.contextmanager
 def atomic_write(path: Path):
     """`with atomic_write(path) as temp_name:` write temp_name, next to `path`; on leaving the block it
-    replaces `path` whole, so nobody ever reads half a file; a write that fails leaves the old file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name[:40]}.", suffix=".tmp")
-    os.close(handle)
+    replaces `path` whole, so nobody ever reads half a file; a write that fails (a full disk, a folder we may
+    not write to) leaves the old file, and is one OSError that names the file."""
+    path, temp_name = Path(path), ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:40]}.", suffix=".tmp")
+        os.close(handle)
         yield temp_name
         with open(temp_name, "rb+") as written:
             os.fsync(written.fileno())
@@ -177,8 +180,11 @@ def atomic_write(path: Path):
         os.umask(umask)
         os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(temp_name, path)
+    except OSError as error:
+        raise OSError(error.errno, f"could not write {path} ({error.strerror or first_line(error)}); the file "
+                      f"there before, if any, is unchanged") from None
     finally:
-        if os.path.exists(temp_name):
+        if temp_name and os.path.exists(temp_name):
             os.remove(temp_name)
 
 
@@ -187,7 +193,7 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
         try:
             torch.save(checkpoint, temp_name)
         except RuntimeError as error:  # how torch.save reports a failed write (a full disk)
-            raise OSError(f"could not write {path} ({str(error).splitlines()[0]})") from None
+            raise OSError(errno.ENOSPC if "unexpected pos" in str(error) else errno.EIO, first_line(error)) from None
 
 
 # --- The original project's entry point (see docs/original-project.md)

@@ -75,7 +75,7 @@ def train(config: TrainConfig, index_folder=index_folder, load_image=load_image,
     model = model.to(device, memory_format=torch.channels_last).eval()  # eval: BatchNorm keeps its statistics
     # 3. Features: the frozen backbone sees each image once; a file that does not decode is skipped, named.
     index, data = compute_features(model, index, classes, config, device, load_image)
-    timings = {"data_s": time.perf_counter() - started}
+    timings = {"data_s": round(time.perf_counter() - started, 2)}
     # 4. Train the head: Adam on cross-entropy against one-hot targets, batches in a seeded order.
     optimizer = torch.optim.Adam(model.head.parameters(), lr=config.lr)
     order = torch.Generator().manual_seed(config.seed)
@@ -90,11 +90,11 @@ def train(config: TrainConfig, index_folder=index_folder, load_image=load_image,
                         "test_accuracy": test_accuracy})
         log.info("epoch %d/%d  train loss %.4f  test loss %.4f  test accuracy %.2f%%", epoch, config.epochs,
                  train_loss, test_loss, 100 * test_accuracy)
-    timings["total_s"] = time.perf_counter() - started
+    timings["total_s"] = round(time.perf_counter() - started, 2)
     # 6. The outputs: metrics.json, then model.pt, each replaced whole.
     metrics = run_metrics(config, device, provenance, index, history, test_logits, test_labels, classes, timings)
-    checkpoint = checkpoint_dict(model, classes, config.img_size, provenance, training={
-        name: getattr(config, name) for name in ("epochs", "batch_size", "lr", "seed", "precision")})
+    checkpoint = checkpoint_dict(model, classes, config.img_size, provenance, training=dict(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed, precision=config.precision))
     (save or save_outputs)(config.output_dir, metrics, checkpoint, data)
     log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * metrics["test_accuracy"],
              "pretrained" if provenance["pretrained"] else "NOT pretrained", provenance["arch"],
@@ -179,15 +179,14 @@ def run_metrics(config: TrainConfig, device: torch.device, provenance: dict, ind
     """metrics.json: the settings, device and backbone, the images used and skipped, the test report."""
     used, skipped = index[index.skipped == ""], index[index.skipped != ""]
     loss, accuracy = loss_and_accuracy(logits, labels)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
-    return {"config": settings,
+    return {"config": json.loads(json.dumps(asdict(config), default=str)),  # paths as text
             "device": str(device), "torch_version": str(torch.__version__), **provenance,
             "dataset": {"classes": classes, "counts": {label: rows.split.value_counts().sort_index().to_dict()
                                                        for label, rows in used.groupby("label")},
                         "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))},
             "test_accuracy": accuracy, "test_loss": loss, "classes": classes,
             "confusion_matrix": confusion_matrix(labels, logits.argmax(1), len(classes)).tolist(),
-            "history": history, "timings_s": {key: round(value, 2) for key, value in timings.items()}}
+            "history": history, "timings_s": timings}
 
 
 def confusion_matrix(labels, predicted, num_classes: int) -> np.ndarray:

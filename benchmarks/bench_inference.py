@@ -25,7 +25,7 @@ import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.extras.Folders import list_images  # noqa: E402
+from MLPipeline.extras.Files import list_images  # noqa: E402
 from MLPipeline.extras.Data import load_images
 from MLPipeline.extras.Export import export_model  # noqa: E402
 from MLPipeline.extras.Predict import load_model, predict  # noqa: E402

@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MLPipeline.extras.Augment import make_augmenter  # noqa: E402
 from MLPipeline.CreateDataset import image_batches  # noqa: E402
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from MLPipeline.extras.OnnxBackbone import FrozenBackbone  # noqa: E402
 from MLPipeline.extras.Weights import build_model
 from MLPipeline.ResNet_Model import fast_bf16, forward_batches  # noqa: E402
 from MLPipeline.extras.SyntheticData import make_demo_data  # noqa: E402
-from MLPipeline.extras.Config import RunConfig as TrainConfig  # noqa: E402
+from MLPipeline.extras.Run import RunConfig as TrainConfig  # noqa: E402
 from MLPipeline.extras.Run import train
 
 CPU = torch.device("cpu")

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from MLPipeline.extras.Data import build_index  # noqa: E402
-from MLPipeline.extras.Folders import file_digest  # noqa: E402
+from MLPipeline.extras.Files import file_digest  # noqa: E402
 
 # Offline, `--weights auto` gives every torchvision backbone's row the same pip-installed EfficientNet-Lite0
 # (the backbone column says which one ran), so --all adds the other backbones only where their weights exist.

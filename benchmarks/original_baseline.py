@@ -59,7 +59,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from MLPipeline.extras.Config import RunConfig as TrainConfig  # noqa: E402
+from MLPipeline.extras.Run import RunConfig as TrainConfig  # noqa: E402
 from MLPipeline.CreateDataset import UserError
 from MLPipeline import build_model
 from MLPipeline.extras.Data import load_images

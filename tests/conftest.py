@@ -40,7 +40,7 @@ def make_image_folder(root: Path, classes: tuple[str, ...] = ("alpha", "beta", "
 
 def train_tiny_model(folder: Path) -> tuple[Path, Path]:
     """A ResNet18 trained for one epoch on folder/data (make_image_folder's): (data folder, output folder)."""
-    from MLPipeline.extras.Config import RunConfig as TrainConfig
+    from MLPipeline.extras.Run import RunConfig as TrainConfig
     from MLPipeline.extras.Run import train
     data = make_image_folder(folder / "data")
     train(TrainConfig(data_dir=data, output_dir=folder / "out", img_size=32, weights="none", epochs=1,

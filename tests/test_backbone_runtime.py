@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline import Train
 from MLPipeline.extras import Pipeline

@@ -294,28 +294,28 @@ def test_training_never_writes_into_the_data_folder(messy):
 # --- the same rules, in-process where a subprocess can't reach ---------------------------------------------
 
 def test_pixel_cap_is_max_pixels(tmp_path, monkeypatch):
-    from MLPipeline.extras import Data, ImageFiles
+    from MLPipeline.extras import Data, Files
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     small.write_bytes(encode(sample_rgb(size=(20, 20)), "PNG"))  # 400 pixels
     large.write_bytes(encode(sample_rgb(size=(40, 48)), "PNG"))  # 1920 pixels
-    monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(Files, "MAX_PIXELS", 1000)
     images, skipped = Data.load_images([str(small), str(large)], 32)
     assert list(skipped) == [str(large)] and "pixels" in skipped[str(large)]
     assert images.shape == (1, 32, 32, 3)
 
 
 def test_pillow_decodes_what_opencv_cannot(tmp_path, monkeypatch):
-    from MLPipeline.extras import ImageFiles
+    from MLPipeline.extras import Files
     gif = tmp_path / "still.gif"
     gif.write_bytes(USED["beta/still.gif"]())
-    monkeypatch.setattr(ImageFiles.cv2, "imdecode", lambda *args, **kwargs: None)
-    image = ImageFiles.read_image(gif)
+    monkeypatch.setattr(Files.cv2, "imdecode", lambda *args, **kwargs: None)
+    image = Files.read_image(gif)
     expected = np.asarray(Image.open(gif).convert("RGB"))
     assert image.dtype == np.uint8 and np.array_equal(image, expected)
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    from MLPipeline.extras.ImageFiles import read_image
+    from MLPipeline.extras.Files import read_image
     path = tmp_path / "rotated.jpg"
     path.write_bytes(exif_rotated_jpeg())
     stored = sample_rgb()
@@ -585,8 +585,8 @@ def test_ctrl_c_during_training_keeps_the_previous_model(messy, tmp_path):
                "--epochs", "1000", "--no-feature-cache"]
     # SIGINT at its default in the child, whatever this process inherited: a shell that starts a job in the
     # background (nohup ... &) ignores SIGINT, and Python then never raises KeyboardInterrupt.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # the log is on stderr
     watchdog = threading.Timer(180, process.kill)
     watchdog.start()
     try:
@@ -596,9 +596,9 @@ def test_ctrl_c_during_training_keeps_the_previous_model(messy, tmp_path):
             if re.match(r"epoch \d+/", line):
                 break
         else:
-            pytest.fail("no epoch line before the run ended:\n" + "".join(seen) + process.stderr.read())
+            pytest.fail("no epoch line before the run ended:\n" + "".join(seen))
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
+        stdout, stderr = "", process.communicate(timeout=120)[0]
     finally:
         watchdog.cancel()
         if process.poll() is None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from tests.conftest import ROOT
 

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from MLPipeline import CreateDataset
-from MLPipeline.extras import ImageFiles
+from MLPipeline.extras import Files
 from MLPipeline.extras.Common import UserError
 from MLPipeline.extras.Data import build_index, load_images
-from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.extras.Files import load_image
 from MLPipeline.CreateDataset import stratified_split, to_model_input
-from MLPipeline.extras.Folders import index_folder
-from MLPipeline.extras.ImageFiles import BadImageError, read_image
+from MLPipeline.extras.Files import index_folder
+from MLPipeline.extras.Files import BadImageError, read_image
 
 RED_RGB = (220, 30, 20)
 
@@ -432,7 +432,7 @@ def test_bad_file_raises_bad_image_error(tmp_path, kind):
 
 
 def test_image_over_max_pixels(tmp_path, monkeypatch):
-    monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 40 * 40)
+    monkeypatch.setattr(Files, "MAX_PIXELS", 40 * 40)
     small, big = write_image(tmp_path / "small.png", size=(40, 40)), write_image(tmp_path / "big.png", size=(41, 40))
     assert read_image(small).shape == (40, 40, 3)
     with pytest.raises(BadImageError, match="large|pixels"):
@@ -449,7 +449,7 @@ def test_pillow_decompression_bomb_limit_follows_max_pixels(tmp_path, monkeypatc
 
 
 def test_load_images_skips_and_reports_bad_files(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(ImageFiles, "MAX_PIXELS", 50 * 50)
+    monkeypatch.setattr(Files, "MAX_PIXELS", 50 * 50)
     good = [write_image(tmp_path / "good" / f"{i}.{ext}", size=(40, 30 + i), colour=(10 * i, 100, 200), fmt=fmt)
             for i, (ext, fmt) in enumerate([("png", "PNG"), ("jpg", "JPEG"), ("png", "PNG")])]
     bad = list(bad_files(tmp_path / "bad").values())

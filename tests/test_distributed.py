@@ -51,7 +51,7 @@ def test_two_processes_train_the_same_head_as_one(one_and_two):
 
 def test_only_rank_0_logs_progress(one_and_two):
     double = one_and_two[2]
-    assert double.stdout.count("test accuracy") == 4  # 3 epochs and the final line, once
+    assert double.stderr.count("test accuracy") == 4  # 3 epochs and the final line, once
 
 
 def test_predict_on_two_processes_writes_the_same_csv_as_on_one(one_and_two, tiny_data, tmp_path, cli):

@@ -19,7 +19,7 @@ from MLPipeline.extras.Predict import load_model, predict
 from MLPipeline.extras.Weights import BACKBONES
 from MLPipeline.ResNet_Model import Classifier
 from MLPipeline.extras.Weights import build_model
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 
 SIDE = 64

@@ -17,10 +17,10 @@ import torch
 import engine
 from MLPipeline import evaluate, load_model, predict
 from MLPipeline.extras import Export
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Data import load_images
 from MLPipeline.extras.Run import train
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from tests.conftest import ROOT, run_engine
 
 EXPORT_ONLY = {"export_format": Export.EXPORT_FORMAT, "usage": Export.USAGE}  # what an export adds

@@ -138,7 +138,7 @@ def test_150_classes_get_their_model_and_a_note_instead_of_a_giant_plot(tmp_path
     result = cli("--data-dir", data, "--output-dir", tmp_path / "out", *FAST_TRAIN, "--test-size", "0.5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.pt").exists() and not (tmp_path / "out" / "confusion_matrix.png").exists()
-    assert "confusion_matrix.png not drawn for 150 classes" in result.stdout
+    assert "confusion_matrix.png not drawn for 150 classes" in result.stderr
 
 
 def test_the_output_folder_may_not_lie_inside_the_data_folder(trained, tmp_path, cli):

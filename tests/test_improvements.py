@@ -9,7 +9,7 @@ import torch
 
 from MLPipeline import load_model, predict
 from MLPipeline.extras import Augment
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline.extras.Augment import make_augmenter, random_homographies
 from MLPipeline.extras.Weights import build_model
@@ -111,7 +111,7 @@ def test_improvement_flags_reach_the_checkpoint_from_the_command_line(tiny_data,
                         "--augment", "--unfreeze", "last", "--schedule", "cosine", "--val-size", "0.25",
                         "--backbone-lr", "1e-5")
     assert result.returncode == 0, result.stderr
-    assert "val accuracy" in result.stdout
+    assert "val accuracy" in result.stderr
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
     assert checkpoint["arch"] == "resnet18"
     assert {key: checkpoint["training"][key] for key in ("augment", "unfreeze", "schedule", "val_size")} == {

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from MLPipeline.extras import Calibration, CrossValidation
 from MLPipeline.extras.Common import UserError
-from MLPipeline.extras.Folders import index_folder
+from MLPipeline.extras.Files import index_folder
 from MLPipeline.extras.OutputFolder import check_write_target
 from MLPipeline.extras.Report import save_figure
 from tests.conftest import train_tiny_model

@@ -9,7 +9,7 @@ import pytest
 
 import engine
 from MLPipeline.extras.Common import UserError
-from MLPipeline.extras.Config import RunConfig
+from MLPipeline.extras.Run import RunConfig
 from tests.conftest import ROOT
 
 WHERE_DEFAULTS = {"data_dir": "`Data/`", "output_dir": "`output/`", "workers": "min(4, CPUs)"}  # machine-dependent

@@ -21,7 +21,7 @@ import torchvision
 from MLPipeline import load_model
 from MLPipeline.extras.Common import UserError
 from MLPipeline.CreateDataset import CreateDataset
-from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.extras.Files import load_image
 from MLPipeline.ResNet_Model import ResNET_Model
 from MLPipeline.extras.Weights import build_model, load_backbone
 from MLPipeline.Train import TrainRestNet

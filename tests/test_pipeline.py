@@ -15,7 +15,7 @@ import torch
 import engine
 from MLPipeline import load_model, predict
 from MLPipeline.extras import Report, SyntheticData
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline.extras.Predict import evaluate
 from tests.conftest import FAST, ROOT, make_image_folder, run_engine
@@ -38,7 +38,7 @@ def trained(tiny_data, tmp_path_factory):
 def test_engine_trains_and_writes_every_output(tiny_data, tmp_path):
     result = run_engine("train", "--data-dir", tiny_data, "--output-dir", tmp_path, *FAST[:-1], "2")
     assert result.returncode == 0, result.stderr
-    assert len(re.findall(r"^epoch \d/2 .*test accuracy", result.stdout, re.M)) == 2
+    assert len(re.findall(r"^epoch \d/2 .*test accuracy", result.stderr, re.M)) == 2
     assert all((tmp_path / name).stat().st_size > 0 for name in OUTPUTS)
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
     assert checkpoint["classes"] == ["alpha", "beta", "gamma"] and checkpoint["arch"] == "resnet50"

@@ -17,10 +17,10 @@ import torch
 from matplotlib import cbook
 from torch import nn
 
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline import evaluate, load_model, predict
 from MLPipeline.extras.Run import train
-from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.extras.Files import load_image
 from MLPipeline.CreateDataset import to_model_input
 from MLPipeline.extras.Weights import build_model
 from MLPipeline.extras.Weights import create_backbone

@@ -27,12 +27,12 @@ import MLPipeline.Train
 import MLPipeline.extras.Pipeline
 import MLPipeline.extras.Report
 import MLPipeline.ResNet_Model
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Data import load_images
 from MLPipeline import load_model, predict
 from MLPipeline.extras.Run import train
 from MLPipeline.extras.Common import atomic_write
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from tests.conftest import FAST, make_image_folder
 
 CLASSES = ["alpha", "beta", "gamma"]

@@ -24,8 +24,8 @@ from PIL import Image
 
 from MLPipeline.extras.Common import UserError
 from MLPipeline.extras.Data import build_index, load_images
-from MLPipeline.extras.Folders import IMAGE_EXTENSIONS, held_out_copies, index_folder
-from MLPipeline.extras.ImageFiles import read_image, register_heif
+from MLPipeline.extras.Files import IMAGE_EXTENSIONS, held_out_copies, index_folder
+from MLPipeline.extras.Files import read_image, register_heif
 from MLPipeline.extras.OutputFolder import LOCK_NAME, output_lock
 from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
 from tests.test_bad_input import assert_user_error, constant_png, encode, sample_rgb
@@ -177,12 +177,12 @@ def test_files_that_cannot_be_used_are_named_with_the_reason_and_counted(folder,
 
 def test_skipped_count_is_every_file_that_could_not_be_used(default_run):
     assert default_run.metrics["dataset"]["skipped_count"] == len(SKIPPED)
-    assert f"{len(SKIPPED)} skipped" in default_run.result.stdout
+    assert f"{len(SKIPPED)} skipped" in default_run.result.stderr
 
 
 def test_hidden_and_sidecar_files_are_passed_over_in_one_line(folder, default_run):
-    summary = [line for line in default_run.result.stdout.splitlines() if "hidden or sidecar" in line]
-    assert len(summary) == 1 and f"passed over {len(SIDECARS)} " in summary[0], default_run.result.stdout
+    summary = [line for line in default_run.result.stderr.splitlines() if "hidden or sidecar" in line]
+    assert len(summary) == 1 and f"passed over {len(SIDECARS)} " in summary[0], default_run.result.stderr
     output = default_run.result.stdout + default_run.result.stderr
     assert not [name for name in SIDECARS if Path(name).name in output]
     assert not [path for path in default_run.split.path if Path(path).name in map(str, SIDECARS)]

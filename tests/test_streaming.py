@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from MLPipeline.extras import FeatureCache, ImageFiles
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras import FeatureCache, Files
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline.CreateDataset import image_batches, to_model_input
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from MLPipeline.extras.Data import load_images
-from MLPipeline.extras.ImageFiles import load_image
+from MLPipeline.extras.Files import load_image
 from MLPipeline.extras.Weights import build_model
 from MLPipeline.ResNet_Model import forward_batches
 
@@ -44,12 +44,12 @@ def data(tiny_data, tmp_path):
 def decode_count(monkeypatch):
     """How many files the decode path read since the test started (in this process: workers=0)."""
     count = {"files": 0}
-    real = ImageFiles.read_image
+    real = Files.read_image
 
     def counting(*args):
         count["files"] += 1
         return real(*args)
-    monkeypatch.setattr(ImageFiles, "read_image", counting)
+    monkeypatch.setattr(Files, "read_image", counting)
     return count
 
 

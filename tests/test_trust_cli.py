@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from MLPipeline import Train, load_model, predict
-from MLPipeline.extras import ImageFiles
-from MLPipeline.extras.Config import RunConfig as TrainConfig
+from MLPipeline.extras import Files
+from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline.extras.Calibration import calibrated_probabilities
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from MLPipeline.extras.Data import load_images
 from tests.conftest import make_image_folder
 
@@ -88,8 +88,8 @@ def test_evaluate_reports_calibration_coverage_and_review(calibrated, cli, tmp_p
 def test_folds_score_every_image_once_on_features_computed_once(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=9)
     decoded = []
-    real = ImageFiles.read_image
-    monkeypatch.setattr(ImageFiles, "read_image", lambda *args: decoded.append(args[0]) or real(*args))
+    real = Files.read_image
+    monkeypatch.setattr(Files, "read_image", lambda *args: decoded.append(args[0]) or real(*args))
     run = train(TrainConfig(data_dir=data, output_dir=tmp_path / "out", epochs=2, folds=3, **SETTINGS))
     assert sorted(decoded) == sorted(str(path) for path in list_images(data))  # each file once, for all folds
     folds = run.metrics["cross_validation"]

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import logging
 import os
-import signal
 import stat
-import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -19,38 +14,18 @@ from pathlib import Path
 
 import torch
 
-from MLPipeline.CreateDataset import UserError, log
+from MLPipeline.CreateDataset import UserError, first_line, log
 from MLPipeline.ResNet_Model import PROGRESS_SECONDS  # noqa: F401 (how often long loops print a line)
 from MLPipeline.ResNet_Model import atomic_write as replace_whole
 from MLPipeline.Train import pick_device
+from MLPipeline.extras.Run import STOP_REQUESTED, Terminated, request_stop  # noqa: F401 (re-exported)
 
 __all__ = ["UserError", "log", "pick_device", "atomic_write", "safe_torch_load", "first_line",
-           "progress_reporter", "setup_logging", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
+           "progress_reporter", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
 
 # The most a checkpoint or weights file may hold: the largest this project writes or reads (VGG16's weights)
 # is under 600 MB, so a file or archive beyond it is damaged or hostile, never one to expand.
 MAX_LOAD_BYTES = 4 * 2**30
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
-
-
-# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
-# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
-# again, so a Ctrl-C always stops the run at the next batch.
-STOP_REQUESTED: list = []
-
-
-def request_stop(signal_number: int, frame) -> None:
-    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
-    STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
-    raise STOP_REQUESTED[0]()
-
-
-def first_line(error: Exception) -> str:
-    """An exception's message, first line only: what a user needs, not a library's page of context."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def safe_torch_load(path: Path, what: str) -> dict:
@@ -112,11 +87,8 @@ def atomic_write(path: Path) -> Iterator[str]:
     try:
         with replace_whole(path) as temp_name:
             yield temp_name
-    except OSError as error:  # a full disk, a folder we may not write to: named with the file, one line
-        raise OSError(error.errno, f"could not write {path} ({error.strerror or first_line(error)}); the file "
-                      f"there before, if any, is unchanged") from None
     except RuntimeError as error:  # torch.save reports a failed write (a full disk) as a RuntimeError
-        if "PytorchStreamWriter" not in str(error) and "write failed" not in str(error):
+        if not any(text in str(error) for text in ("PytorchStreamWriter", "write failed", "unexpected pos")):
             raise
         raise OSError(errno.EIO, f"could not write {path} ({first_line(error)}); the file there before, if "
                       f"any, is unchanged") from None
@@ -140,21 +112,3 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
             log.info("  %s: %d/%d (%.1f images/s, %.0f s left)", label, done, total, rate, (total - done) / rate)
             last = now
     return update
-
-
-def setup_logging() -> None:
-    """Progress lines to stdout, warnings to stderr, both as bare messages.
-
-    A file name that is not valid UTF-8 goes to stdout byte for byte, as the disk has it (predictions are
-    read by scripts); stderr shows it escaped (as \\udcXX), Python's default for the real stderr.
-    """
-    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
-        if isinstance(stream, io.TextIOWrapper):  # not when something else took it over (a notebook)
-            stream.reconfigure(errors=errors)
-    to_stdout = logging.StreamHandler(sys.stdout)
-    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
-    to_stderr = logging.StreamHandler(sys.stderr)
-    to_stderr.setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[to_stdout, to_stderr], force=True)
-    for talkative in ("onnxscript", "onnx_ir"):  # the ONNX exporter's notes on each of its passes
-        logging.getLogger(talkative).setLevel(logging.WARNING)

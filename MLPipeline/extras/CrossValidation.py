@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import MLPipeline.extras.Report as Report
 from MLPipeline.extras.Calibration import balanced_class_weights
 from MLPipeline.extras.Common import UserError, log
-from MLPipeline.extras.Folders import find_presplit
+from MLPipeline.extras.Files import find_presplit
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
 

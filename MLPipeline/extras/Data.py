@@ -1,7 +1,7 @@
 """The recipe's data steps for real-world folders and files, and for the options that need more of them.
 
 The recipe (MLPipeline/CreateDataset.py) indexes, splits and decodes; here the same steps walk odd folders
-(Folders.index_folder), decode every format safely (ImageFiles.read_image), carve out a validation split,
+(Files.index_folder), decode every format safely (Files.read_image), carve out a validation split,
 mark copies across splits, and check what is left after the files that did not decode.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pandas as pd
 
 from MLPipeline.CreateDataset import BadImageError, UserError, image_batches, log, stratified_split
 from MLPipeline.CreateDataset import build_index as recipe_index
-from MLPipeline.extras.Folders import index_folder, mark_duplicates
-from MLPipeline.extras.ImageFiles import load_image, loader
+from MLPipeline.extras.Files import index_folder, mark_duplicates
+from MLPipeline.extras.Files import load_image, loader
 
 __all__ = ["build_index", "load_image", "load_images", "usable", "mark_skipped", "skip_reasons",
            "unreadable", "image_batches", "stratified_split", "BadImageError"]
@@ -22,7 +22,7 @@ __all__ = ["build_index", "load_image", "load_images", "usable", "mark_skipped",
 
 def build_index(data_dir: Path, test_size: float = 0.2, seed: int = 42, val_size: float = 0.0,
                 dedupe: bool = False) -> pd.DataFrame:
-    """The recipe's index of data_dir, its folders walked by Folders.index_folder; with val_size, a validation
+    """The recipe's index of data_dir, its folders walked by Files.index_folder; with val_size, a validation
     split carved out of each class's training images; `duplicate_of` names the training file a held-out file
     is a copy of (with dedupe, that copy is skipped)."""
     index = recipe_index(data_dir, test_size, seed, index_folder)

@@ -18,7 +18,7 @@ from torch import nn
 
 from MLPipeline.extras.Common import UserError, atomic_write, log
 from MLPipeline.CreateDataset import resize
-from MLPipeline.extras.ImageFiles import BadImageError, read_image
+from MLPipeline.extras.Files import BadImageError, read_image
 from MLPipeline.extras.OutputFolder import drawn_elsewhere
 
 BATCH_SIZE = 16  # images per Grad-CAM pass: the backward pass keeps the activations of the whole stage

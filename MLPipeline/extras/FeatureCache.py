@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from MLPipeline.extras.Common import UserError, atomic_write, first_line, log, safe_torch_load
-from MLPipeline.extras.Folders import file_digest, file_size
+from MLPipeline.extras.Files import file_digest, file_size
 
 CACHE_FORMAT = "doc-classifier-features/5"
 DECODE_VERSION = 1  # raise when the decode/resize path changes what an image becomes

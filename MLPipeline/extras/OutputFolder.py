@@ -16,8 +16,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from MLPipeline.extras.Common import UserError, log
-from MLPipeline.extras.ImageFiles import image_software
+from MLPipeline.CreateDataset import UserError, log
+from MLPipeline.extras.Files import image_software
 
 LOCK_NAME = ".run.lock"  # in the output folder while a run writes there: who holds it
 OWNER = re.compile(r"PID \d+ on [^\s]{1,255}")  # what take_lock writes; anything else is not our file

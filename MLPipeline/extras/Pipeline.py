@@ -23,11 +23,11 @@ from MLPipeline.ResNet_Model import (Classifier, build_model, checkpoint_dict, f
                                      inference_batch_size)
 from MLPipeline.Train import TrainingRun, check_enough_left, run_metrics, save_outputs, score
 from MLPipeline.extras.Common import log, pick_device
-from MLPipeline.extras.Config import RunConfig
+from MLPipeline.extras.Run import RunConfig
 from MLPipeline.extras.Data import build_index, mark_skipped, unreadable, usable
 from MLPipeline.extras.Distributed import data_parallel, gather, gather_shares, my_share, start_distributed, world
 from MLPipeline.extras.FeatureCache import FeatureCache, content_key, fingerprint, load_cache, save_cache
-from MLPipeline.extras.ImageFiles import loader
+from MLPipeline.extras.Files import loader
 from MLPipeline.extras.Unfreeze import optimizer_for, unfreeze
 from MLPipeline.extras.Weights import load_backbone
 
@@ -114,6 +114,7 @@ def train_with_options(config: RunConfig) -> TrainingRun:
         temperature = fit_temperature(*score(network, held_out["val"], device))
     timings["total_s"] = time.perf_counter() - started
 
+    timings = {name: round(seconds, 2) for name, seconds in timings.items()}
     metrics = run_metrics(config, device, provenance, index, history, test_logits, test_labels, classes, timings)
     metrics["dataset"]["duplicates"] = dict(zip(*index.query("duplicate_of != ''")[["path", "duplicate_of"]].T.values))
     metrics.update(best_epoch=best["epoch"], trained_on="features" if config.on_features() else "images",

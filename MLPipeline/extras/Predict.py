@@ -19,7 +19,7 @@ from MLPipeline.extras.Data import load_images, loader, skip_reasons, usable
 from MLPipeline.extras.Distributed import is_main_process, sharded, start_distributed
 from MLPipeline.extras.Explain import explain_evaluation
 from MLPipeline.extras.Export import OnnxModel, load_onnx_model
-from MLPipeline.extras.Folders import check_data_dir, find_presplit, index_folder, list_images
+from MLPipeline.extras.Files import check_data_dir, find_presplit, index_folder, list_images
 from MLPipeline.extras.OutputFolder import check_write_target, output_lock
 
 

@@ -16,7 +16,8 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
 from MLPipeline.Train import confusion_matrix, loss_and_accuracy  # noqa: F401 (re-exported)
-from MLPipeline.extras.Common import atomic_write, first_line, log
+from MLPipeline.CreateDataset import first_line, log
+from MLPipeline.ResNet_Model import atomic_write
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 MAX_MATRIX_CLASSES = 40  # beyond this a confusion-matrix figure is unreadable: metrics.json has the numbers

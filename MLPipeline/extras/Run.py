@@ -1,25 +1,128 @@
-"""Every training run, as engine.py makes it and as MLPipeline.train gives it to Python: the folders it writes
-checked and the output folder locked, then the recipe (MLPipeline.Train.train) with the tool's pieces handed
-in, and the reports beside its outputs; a run with any option off its default, or under torchrun, is
-Pipeline.train_with_options instead.
+"""Every training run, as engine.py makes it and as MLPipeline.train gives it to Python: its settings
+(RunConfig: the recipe's TrainConfig and the tool's options, each off by default, checked once), the folders
+it writes checked and the output folder locked, then the recipe (MLPipeline.Train.train) with the tool's
+pieces handed in, and the reports beside its outputs. A run with any option off its default, or under
+torchrun, is Pipeline.train_with_options instead.
+
+engine.py lists every flag (get_args_parser) and makes a RunConfig of them; the Python API takes one too.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import os
-from dataclasses import asdict
+import signal
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
 
 import MLPipeline.extras.Report as Report
 from MLPipeline import Train
+from MLPipeline.CreateDataset import UserError
 from MLPipeline.Train import TrainConfig, TrainingRun
-from MLPipeline.extras.Folders import index_folder, mark_duplicates
-from MLPipeline.extras.ImageFiles import loader
+from MLPipeline.extras.Files import MAX_PIXELS, index_folder, loader, mark_duplicates
 from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, check_write_target, output_lock
-from MLPipeline.extras.Weights import load_backbone
-from MLPipeline.extras.Config import RunConfig  # noqa: I001 (after what it imports: one file switch less)
+from MLPipeline.extras.Weights import BACKBONES, load_backbone
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
+
+
+# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
+# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
+# again, so a Ctrl-C always stops the run at the next batch.
+STOP_REQUESTED: list = []
+
+
+def request_stop(signal_number: int, frame) -> None:
+    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
+    STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
+    raise STOP_REQUESTED[0]()
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """TrainConfig's recipe, and the options of the tool; see engine.py's flags for what each does."""
+    max_pixels: int = MAX_PIXELS  # images with more pixels are skipped unread
+    dedupe: bool = False  # skip a held-out file with the same bytes as a training file
+    inference_batch_size: int | None = None  # default: the recipe's (ResNet_Model.inference_batch_size)
+    cache_dir: Path | None = None  # keep a frozen backbone's features there between runs
+    backbone_runtime: str = "pytorch"  # or onnxruntime (or auto: the faster on the first batch)
+    feature_cache: bool = True  # False: the network reads the images every epoch, like the original
+    schedule: str = "none"
+    augment: bool = False
+    flips: bool = False
+    unfreeze: str = "none"
+    backbone_lr: float | None = None
+    folds: int = 0
+    class_weights: str = "none"
+    val_size: float = 0.0
+
+    def __post_init__(self):
+        self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
+        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
+        self.check()
+
+    def check(self) -> None:
+        """UserError naming the flag, for a value of the wrong type, out of its choices or out of range."""
+        for option in fields(self):
+            check_option(option.name, getattr(self, option.name))
+        if self.folds == 1 or (self.folds and not self.on_features()):
+            raise UserError(f"--folds {self.folds}: cross-validation trains 2 or more heads on features computed "
+                            f"once, so it takes a frozen backbone without --augment or --no-feature-cache")
+
+    def on_features(self) -> bool:
+        """Whether the head trains on a frozen backbone's features computed once, or the network on images."""
+        return self.unfreeze == "none" and self.feature_cache and not self.augment
+
+    def held_out(self) -> tuple[str, ...]:
+        """The splits besides train: test, and val with --val-size."""
+        return ("test", "val") if self.val_size else ("test",)
+
+    def is_the_recipe(self) -> bool:
+        """Whether the run is the recipe's own: every option of the tool at its default, and one process (a
+        torchrun job, WORLD_SIZE > 1, shards its work in Pipeline)."""
+        return int(os.environ.get("WORLD_SIZE", 1)) == 1 and all(getattr(self, option.name) == option.default for option in fields(self)
+                   if option.name in TOOL_OPTIONS and option.name != "max_pixels")  # the tool's reader takes it
+
+    def recorded(self) -> dict:
+        """The options that shaped the weights, as stored in the checkpoint."""
+        return {name: getattr(self, name) for name in RECORDED}
+
+
+UNFREEZE_CHOICES = ("none", "last", "all")
+TOOL_OPTIONS = {option.name for option in fields(RunConfig)} - {option.name for option in fields(TrainConfig)}
+RECORDED = ("epochs", "batch_size", "lr", "seed", "precision", "schedule", "augment", "flips", "unfreeze",
+            "backbone_lr", "class_weights", "val_size")
+CHOICES = {"backbone": BACKBONES, "weights": None, "device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32"),
+           "backbone_runtime": ("pytorch", "onnxruntime", "auto"), "schedule": ("none", "cosine"),
+           "unfreeze": UNFREEZE_CHOICES, "class_weights": ("none", "balanced")}
+BOUNDS = {"epochs": {"at least": 1, "at most": 100_000}, "batch_size": {"at least": 1, "at most": 65_536},
+          "lr": {"above": 0, "at most": 1}, "img_size": {"at least": 32, "at most": 1024},
+          "test_size": {"above": 0, "below": 1}, "seed": {"at least": 0, "at most": 2**63 - 1},
+          "workers": {"at least": 0, "at most": 256}, "max_pixels": {"at least": 1},
+          "inference_batch_size": {"at least": 1, "at most": 65_536}, "backbone_lr": {"above": 0, "at most": 1},
+          "folds": {"at least": 0, "at most": 100}, "val_size": {"at least": 0, "below": 1}}
+WHOLE = {"epochs", "batch_size", "img_size", "seed", "workers", "max_pixels", "inference_batch_size", "folds"}
+COMPARE = {"at least": operator.ge, "above": operator.gt, "at most": operator.le, "below": operator.lt}
+
+
+def check_option(name: str, value) -> None:
+    """Raise UserError, naming the flag, when `value` is not of its option's kind, choices or bounds."""
+    flag = "--" + name.replace("_", "-")
+    if CHOICES.get(name) and value not in CHOICES[name]:
+        raise UserError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    if name not in BOUNDS or value is None:
+        return
+    kind = "a whole number" if name in WHOLE else "a finite number"
+    right_kind = isinstance(value, int) if name in WHOLE else isinstance(value, (int, float))
+    limits = " and ".join(f"{word} {bound}" for word, bound in BOUNDS[name].items())
+    if (not right_kind or isinstance(value, bool) or not math.isfinite(value)
+            or not all(COMPARE[word](value, bound) for word, bound in BOUNDS[name].items())):
+        raise UserError(f"{flag} must be {kind} {limits}, not {value!r}")
 
 
 def train(config: TrainConfig | RunConfig) -> TrainingRun:
@@ -27,7 +130,7 @@ def train(config: TrainConfig | RunConfig) -> TrainingRun:
     the recipe (all options at their defaults) or the run with the options asked for."""
     config = config if isinstance(config, RunConfig) else RunConfig(**asdict(config))
     with checked_output(config):
-        if runs_the_recipe(config):
+        if config.is_the_recipe():
             run = Train.train(config, **recipe_pieces(config))
             write_reports(run, config.output_dir)
             return run
@@ -45,12 +148,6 @@ def checked_output(config: RunConfig):
         check_write_target(config.cache_dir, "--cache-dir", folder=True, data_dirs=[config.data_dir])
     with output_lock(config.output_dir) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
         yield
-
-
-def runs_the_recipe(config: RunConfig) -> bool:
-    """Whether the run is the recipe's own: every option of the tool at its default, and one process (a
-    torchrun job, WORLD_SIZE > 1, shards its work in Pipeline)."""
-    return config.is_the_recipe() and int(os.environ.get("WORLD_SIZE", 1)) == 1
 
 
 def recipe_pieces(config: RunConfig) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from MLPipeline.extras.Common import UserError
-from MLPipeline.extras.Folders import list_images
+from MLPipeline.extras.Files import list_images
 from MLPipeline.extras.OutputFolder import check_write_target
 
 CLASS_NAMES = ("driving_license", "social_security", "others")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from MLPipeline.ResNet_Model import Classifier
-from MLPipeline.extras.Config import UNFREEZE_CHOICES  # noqa: F401 (re-exported)
+from MLPipeline.extras.Run import UNFREEZE_CHOICES  # noqa: F401 (re-exported)
 
 
 def unfreeze(model: Classifier, which: str) -> Classifier:

