@@ -47,8 +47,9 @@ def setup_logging() -> None:
 def train_config(args: argparse.Namespace) -> RunConfig:
     """The training run's settings from the command line, checked as they are made; on a fresh clone's empty
     Data/ the demo dataset is written first."""
-    options = {name: value for name, value in vars(args).items() if name not in ("command", "command_name")}
-    config = RunConfig(**{**options, "data_dir": args.data_dir or DEFAULT_DATA_DIR})
+    options = dict(vars(args), data_dir=args.data_dir or DEFAULT_DATA_DIR)
+    del options["command"], options["command_name"]
+    config = RunConfig(**options)
     if args.data_dir is None and holds_nothing_but_readme(config.data_dir):
         from MLPipeline.extras.SyntheticData import make_demo_data  # only a fresh clone's first run needs it
         logging.info("%s holds no images: generating the demo dataset there first "

@@ -128,7 +128,7 @@ def compute_features(model: Classifier, index: pd.DataFrame, classes: list[str],
                             load_image=load_image, pin_memory=device.type == "cuda")
     bf16 = config.precision == "auto" and fast_bf16(device)
     features, _, read, failed = forward_batches(model.features, batches, device, bf16, "features")
-    index = index.assign(skipped=[failed.get(path, why) for path, why in zip(index.path, index.skipped)])
+    index = index.assign(skipped=index.path.map(failed).fillna(index.skipped))  # why each failed file is skipped
     rows = rows.iloc[read]
     check_enough_left(rows, classes)
     log.info("data: %d train + %d test images of %d classes (%s), %d skipped; device %s%s",
@@ -181,8 +181,7 @@ def run_metrics(config: TrainConfig, device: torch.device, provenance: dict, ind
     loss, accuracy = loss_and_accuracy(logits, labels)
     return {"config": json.loads(json.dumps(asdict(config), default=str)),  # paths as text
             "device": str(device), "torch_version": str(torch.__version__), **provenance,
-            "dataset": {"classes": classes, "counts": {label: rows.split.value_counts().sort_index().to_dict()
-                                                       for label, rows in used.groupby("label")},
+            "dataset": {"classes": classes, "counts": pd.crosstab(used.label, used.split).to_dict("index"),
                         "skipped_count": len(skipped), "skipped": dict(zip(skipped.path, skipped.skipped))},
             "test_accuracy": accuracy, "test_loss": loss, "classes": classes,
             "confusion_matrix": confusion_matrix(labels, logits.argmax(1), len(classes)).tolist(),

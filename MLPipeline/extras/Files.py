@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import operator
 import os
 import stat
 import warnings
@@ -67,7 +68,7 @@ def folder_entries(folder: Path) -> list[os.DirEntry]:
     """A folder's entries, sorted by name (so files come out in path order)."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(entries, key=lambda entry: entry.name)
+            return sorted(entries, key=operator.attrgetter("name"))
     except OSError as error:
         raise UnreadableFolder(f"cannot read folder {folder}: {error.strerror or error}") from None
 
@@ -180,8 +181,8 @@ def held_out_copies(index: pd.DataFrame) -> dict[str, str]:
     sizes = index.path.map(file_size)
     in_train = index.split == "train"
     shared_sizes = (set(sizes[in_train]) & set(sizes[~in_train])) - {-1}
-    candidates = index[sizes.isin(shared_sizes)].assign(digest=lambda rows: rows.path.map(file_digest))
-    candidates = candidates[candidates.digest != ""]
+    candidates = index[sizes.isin(shared_sizes)]
+    candidates = candidates.assign(digest=candidates.path.map(file_digest)).query("digest != ''")
     originals = candidates[candidates.split == "train"].drop_duplicates("digest").set_index("digest").path
     copies = candidates[(candidates.split != "train") & candidates.digest.isin(originals.index)]
     return dict(zip(copies.path, copies.digest.map(originals)))
@@ -202,7 +203,7 @@ def file_digest(path: str) -> str:
     digest = hashlib.blake2b()
     try:
         with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
+            while chunk := file.read(1 << 20):
                 digest.update(chunk)
     except OSError:
         return ""

@@ -117,11 +117,11 @@ def check_option(name: str, value) -> None:
         raise UserError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
     if name not in BOUNDS or value is None:
         return
-    kind = "a whole number" if name in WHOLE else "a finite number"
     right_kind = isinstance(value, int) if name in WHOLE else isinstance(value, (int, float))
-    limits = " and ".join(f"{word} {bound}" for word, bound in BOUNDS[name].items())
     if (not right_kind or isinstance(value, bool) or not math.isfinite(value)
             or not all(COMPARE[word](value, bound) for word, bound in BOUNDS[name].items())):
+        kind = "a whole number" if name in WHOLE else "a finite number"
+        limits = " and ".join(f"{word} {bound}" for word, bound in BOUNDS[name].items())
         raise UserError(f"{flag} must be {kind} {limits}, not {value!r}")
 
 

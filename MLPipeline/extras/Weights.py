@@ -31,11 +31,6 @@ BACKBONES = (*TORCHVISION_BACKBONES, *PIP_BACKBONES)
 NORMALISATION = {arch: ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for arch in PIP_BACKBONES}
 
 
-def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the inputs the backbone's pretrained weights expect."""
-    return NORMALISATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
-
-
 class WeightsUnavailable(Exception):
     """ImageNet weights that cannot be had on this machine; the message says what was tried."""
 
@@ -77,15 +72,6 @@ def to_timm_names(state_dict: dict, expected: dict, arch: str) -> dict:
     return dict(zip(expected, state_dict.values()))
 
 
-def fit_state_dict(arch: str, state_dict: dict, backbone: nn.Module) -> dict:
-    """The state_dict under the backbone's own names: a pip backbone's tensors renamed onto timm's."""
-    return to_timm_names(state_dict, backbone.state_dict(), arch) if arch in PIP_BACKBONES else state_dict
-
-
-def imagenet_weights(arch: str) -> tuple[dict, str]:
-    return pip_imagenet_weights(arch) if arch in PIP_BACKBONES else torchvision_imagenet_weights(arch)
-
-
 def resolve_weights(arch: str, weights: str) -> tuple[str, dict | None, str, bool]:
     """The starting weights as (architecture used, state_dict or None, source description, pretrained?).
 
@@ -99,7 +85,8 @@ def resolve_weights(arch: str, weights: str) -> tuple[str, dict | None, str, boo
     if weights not in ("auto", "imagenet"):
         return arch, load_weights_file(Path(weights)), f"file {weights}", True
     try:
-        return arch, *imagenet_weights(arch), True
+        imagenet = pip_imagenet_weights if arch in PIP_BACKBONES else torchvision_imagenet_weights
+        return arch, *imagenet(arch), True
     except WeightsUnavailable as error:
         if weights == "imagenet":
             raise UserError(f"ImageNet weights unavailable: {error}") from None
@@ -147,11 +134,13 @@ def load_backbone(arch: str, weights: str = "auto") -> tuple[nn.Module, dict]:
     backbone = create_backbone(arch)
     if state_dict is not None:
         try:
-            backbone.load_state_dict(fit_state_dict(arch, state_dict, backbone))
+            if arch in PIP_BACKBONES:  # efficientnet_pytorch's names renamed onto timm's
+                state_dict = to_timm_names(state_dict, backbone.state_dict(), arch)
+            backbone.load_state_dict(state_dict)
         except RuntimeError as error:
             raise UserError(f"weights from {source} do not fit {arch}; pass the --backbone they were made for "
                             f"({first_line(error)})") from None
-    mean, std = normalisation(arch)
+    mean, std = NORMALISATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))  # what the pretrained weights expect
     return backbone, {"arch": arch, "weights_source": source, "pretrained": pretrained, "mean": mean, "std": std}
 
 
