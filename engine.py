@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as error:  # a folder we may not read or write, a full disk
-        print(f"error: {printable(str(error))}", file=sys.stderr)
+        mine = error.filename is None and isinstance(error.strerror, str)  # ours name the file in their text
+        print(f"error: {printable(error.strerror if mine else str(error))}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a decoding worker that could not hand over its batch (shared memory)
         if not worker_handover_failed(error):

@@ -54,6 +54,10 @@ def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout (the original's Training_data/ + Testing_Data/), or
     None for a folder of classes."""
     folders = {path.name.lower(): path for path in sorted(Path(data_dir).iterdir()) if path.is_dir()}
+    names = [path.name.lower() for path in Path(data_dir).iterdir() if path.is_dir()]
+    clashes = sorted({name for pair in PRESPLIT_PAIRS for name in pair if names.count(name) > 1})
+    if clashes:  # Train/ and train/ side by side: which one is meant cannot be told
+        raise UserError(f"{data_dir} holds two folders named {clashes[0]} but for case: merge or rename them")
     pair = next(((folders[train], folders[test]) for train, test in PRESPLIT_PAIRS
                  if train in folders and test in folders), None)
     if pair:
