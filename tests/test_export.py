@@ -52,7 +52,7 @@ def pytorch_logits(trained, images: np.ndarray) -> np.ndarray:
 def test_cli_export_writes_the_onnx_file_next_to_the_model(trained):
     output_dir, result = trained
     assert result.returncode == 0, result.stderr
-    assert f"wrote {output_dir / 'model.onnx'}" in result.stdout and "verified" in result.stdout
+    assert f"wrote {output_dir / 'model.onnx'}" in result.stdout and "verified" in result.stderr
     assert "Removed" not in result.stdout + result.stderr  # the exporter's notes on its passes are silenced
     assert not [path for path in output_dir.iterdir() if path.name.startswith(".")]  # no temporary file left
 
