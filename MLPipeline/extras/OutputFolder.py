@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import resource
+import shutil
 import socket
 import stat
 import zipfile
@@ -172,10 +173,10 @@ def check_room(path: Path, needed: int = 0) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        status = os.statvfs(folder)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return  # not known here: the write itself says
-    free, limit = status.f_bavail * status.f_frsize, resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if free < needed + MIN_FREE:
         raise OSError(errno.ENOSPC, f"could not write {shown(path)} (No space left on device: {free / 1e6:.1f} MB "
                       f"free, {max(needed, MIN_FREE) / 1e6:.1f} MB needed); free some space or choose another folder")
