@@ -20,6 +20,7 @@ import torch
 from MLPipeline.Train import train  # the recipe
 from MLPipeline.extras import Run  # noqa: I001 (the machinery around it)
 from MLPipeline.extras.Files import MAX_PIXELS
+from MLPipeline.extras.OutputFolder import printable, worker_handover_failed
 from MLPipeline.extras.Run import STOP_REQUESTED, RunConfig, Terminated, UserError, check_option, request_stop
 from MLPipeline.extras.Weights import BACKBONES
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return args.command(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
         print("error: the GPU ran out of memory: lower --img-size or --batch-size, or use --device cpu",
@@ -336,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as error:  # a folder we may not read or write, a full disk
-        print(f"error: {error}", file=sys.stderr)
+        mine = error.filename is None and isinstance(error.strerror, str)  # ours name the file in their text
+        print(f"error: {printable(error.strerror if mine else str(error))}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # a decoding worker that could not hand over its batch (shared memory)
+        if not worker_handover_failed(error):
+            raise
+        print(f"error: {printable(worker_handover_failed(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"{'terminated' if isinstance(interrupt, Terminated) else 'interrupted'}: output files are replaced "

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif", ".avif",
                     ".jp2"}
@@ -54,6 +54,10 @@ def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout (the original's Training_data/ + Testing_Data/), or
     None for a folder of classes."""
     folders = {path.name.lower(): path for path in sorted(Path(data_dir).iterdir()) if path.is_dir()}
+    names = [path.name.lower() for path in Path(data_dir).iterdir() if path.is_dir()]
+    clashes = sorted({name for pair in PRESPLIT_PAIRS for name in pair if names.count(name) > 1})
+    if clashes:  # Train/ and train/ side by side: which one is meant cannot be told
+        raise UserError(f"{data_dir} holds two folders named {clashes[0]} but for case: merge or rename them")
     pair = next(((folders[train], folders[test]) for train, test in PRESPLIT_PAIRS
                  if train in folders and test in folders), None)
     if pair:
@@ -162,6 +166,8 @@ def decoded_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, list[int], d
     good = [item for item in items if item[0] is not None]
     inputs = torch.stack([item[0] for item in good]) if good else torch.zeros(0, 3, 1, 1)
     targets = torch.stack([item[1] for item in good]) if good else torch.zeros(0)
+    if get_worker_info() is not None:  # a worker's batch goes through shared memory: a failure raised here reaches
+        inputs, targets = inputs.share_memory_(), targets.share_memory_()  # the main process (else it waits forever)
     return inputs, targets, [item[2] for item in good], dict(item[3] for item in items if item[0] is None)
 
 

@@ -193,7 +193,7 @@ def save_checkpoint(path: Path, checkpoint: dict) -> None:
         try:
             torch.save(checkpoint, temp_name)
         except RuntimeError as error:  # how torch.save reports a failed write (a full disk)
-            raise OSError(errno.ENOSPC if "unexpected pos" in str(error) else errno.EIO, first_line(error)) from None
+            raise OSError(errno.ENOSPC, "No space left on device, or a file size limit: ulimit -f") from None
 
 
 # --- The original project's entry point (see docs/original-project.md)

@@ -13,7 +13,7 @@ import importlib
 
 API = {"TrainConfig": "Train", "TrainingRun": "Train", "UserError": "CreateDataset", "build_index": "CreateDataset",
        "load_image": "CreateDataset", "build_model": "extras.Weights", "save_checkpoint": "ResNet_Model",
-       "RunConfig": "extras.Config", "train": "extras.Run", "load_images": "extras.Data",
+       "RunConfig": "extras.Run", "train": "extras.Run", "load_images": "extras.Data",
        "load_checkpoint": "extras.Checkpoint", "TrainedModel": "extras.Predict", "evaluate": "extras.Predict",
        "load_model": "extras.Predict", "predict": "extras.Predict", "OnnxModel": "extras.Export",
        "export_model": "extras.Export", "explain": "extras.Explain"}

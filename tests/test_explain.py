@@ -257,7 +257,8 @@ def test_evaluate_explains_the_misclassified_and_the_least_confident_correct(mod
                                                                              cli):
     out = tmp_path / "evaluation"
     (out / "explained").mkdir(parents=True)
-    (out / "explained" / "9999-stale.png").write_bytes(b"from an earlier run")
+    from MLPipeline.extras.Explain import write_explanation  # a picture of an earlier run: this project's own
+    write_explanation(out / "explained" / "9999-stale.png", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)), "old")
     result = cli("evaluate", tiny_data, "--model", trained, "--output-dir", out, "--explain-count", "2",
                  "--device", "cpu")
     assert result.returncode == 0, result.stderr

@@ -12,9 +12,9 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
 from MLPipeline.extras.Common import UserError, log
+from MLPipeline.extras.Checkpoint import TEMPERATURE_RANGE  # beyond it, held-out logits are degenerate, not mis-scaled
 from MLPipeline.extras.Report import save_figure
 
-TEMPERATURE_RANGE = (0.05, 20.0)  # beyond these, the held-out logits are degenerate, not mis-scaled
 MIN_CALIBRATION_IMAGES = 10  # fewer held-out images say too little about the confidence to fit it
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 REVIEW = "review"  # the decision of a prediction below --min-confidence

@@ -16,6 +16,8 @@ from MLPipeline.ResNet_Model import CHECKPOINT_FORMAT, Classifier, remove_classi
 from MLPipeline.extras.Common import UserError, first_line, safe_torch_load
 from MLPipeline.extras.Weights import create_backbone
 
+TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures fit_temperature gives: beyond, the logits are degenerate
+
 # The keys every checkpoint has besides its weights (the recipe's checkpoint_dict writes them).
 REQUIRED = ("classes", "arch", "img_size", "mean", "std", "head", "weights_source", "pretrained", "created_utc",
             "torch_version", "format")
@@ -56,7 +58,8 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
 
 def check_model_info(info: dict, source) -> dict:
     """What prediction relies on, checked: a non-empty list of distinct class names, a whole img_size in range,
-    3 finite means and positive stds, a finite positive temperature (1 when absent: an older checkpoint).
+    3 finite means and positive stds, a temperature in the range fit_temperature gives (1 when absent: an older
+    checkpoint).
     UserError naming `source` (a checkpoint or an exported file) otherwise. Returns info."""
     classes, size, temperature = info.get("classes"), info.get("img_size"), info.get("temperature", 1.0)
     problems = []
@@ -67,7 +70,7 @@ def check_model_info(info: dict, source) -> dict:
         problems.append("img_size")
     if not all(is_number_list(info.get(key), 3) for key in ("mean", "std")) or min(info["std"]) <= 0:
         problems.append("mean and std")
-    if not is_number_list([temperature], 1) or temperature <= 0:
+    if not is_number_list([temperature], 1) or not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
         problems.append("temperature")
     if problems:
         raise UserError(f"{source} is damaged or edited: its {', '.join(problems)} cannot be used "

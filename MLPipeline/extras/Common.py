@@ -57,6 +57,13 @@ def check_archive(path: Path, what: str) -> None:
                         f"(at most {MAX_LOAD_BYTES / 1e9:.1f} GB): refused unread")
     if not zipfile.is_zipfile(path):
         return  # torch's legacy format, or not a PyTorch file at all: torch.load judges it
+    with open(path, "rb") as file:  # the archive must end where its end record says: nothing appended
+        file.seek(max(0, size - 65_557))
+        tail = file.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or end + 22 + int.from_bytes(tail[end + 20:end + 22], "little") != len(tail):
+        raise UserError(f"{path} is damaged (bytes follow the end of its archive: something was appended after it "
+                        f"was written); replace it with a good copy or train again")
     try:
         with zipfile.ZipFile(path) as archive:
             expanded = sum(member.file_size for member in archive.infolist())

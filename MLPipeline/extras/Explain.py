@@ -19,7 +19,7 @@ from torch import nn
 from MLPipeline.extras.Common import UserError, atomic_write, log
 from MLPipeline.CreateDataset import resize
 from MLPipeline.extras.Files import BadImageError, read_image
-from MLPipeline.extras.OutputFolder import drawn_elsewhere
+from MLPipeline.extras.OutputFolder import own_folder, remove_own
 
 BATCH_SIZE = 16  # images per Grad-CAM pass: the backward pass keeps the activations of the whole stage
 DISPLAY_SIDE = 768  # big JPEGs are decoded reduced to about this side for the pictures: faster, nothing lost
@@ -167,6 +167,7 @@ def explain_paths(model, paths: list, out_dir: str | Path, top_k: int = 3, notes
     Files that do not decode are skipped with a warning. notes: a title prefix per path (e.g. the true class).
     """
     network, written = torch_network(model), {}
+    out_dir = own_folder(Path(out_dir))  # never a link: nothing written through it
     for start in range(0, len(paths), batch_size):
         decoded = []
         for position in range(start, min(start + batch_size, len(paths))):
@@ -197,10 +198,9 @@ def explain_evaluation(model, predictions, misclassified: np.ndarray, output_dir
         if count:
             torch_network(model)  # raises the UserError that says why
         return misclassified
-    folder = Path(output_dir) / "explained"
-    for stale in folder.glob("*.png") if folder.is_dir() else []:  # a previous run's pictures would mislead
-        if not drawn_elsewhere(stale):  # a user's image there stays
-            stale.unlink()
+    folder = own_folder(Path(output_dir) / "explained")  # never a link: nothing deleted or written through it
+    for stale in folder.glob("*.png"):  # a previous run's pictures would mislead; anything else there stays
+        remove_own(stale, EXPLANATION_NAMES)
     wrong = np.flatnonzero((predictions.label != predictions.predicted).to_numpy())[:len(misclassified)].tolist()
     correct = predictions[predictions.label == predictions.predicted].nsmallest(count, "confidence").index.tolist()
     rows = wrong + correct

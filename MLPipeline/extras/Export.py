@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from MLPipeline.extras.Common import UserError, atomic_write, check_archive, log, progress_reporter
 from MLPipeline.CreateDataset import to_model_input
-from MLPipeline.extras.OutputFolder import check_write_target
+from MLPipeline.extras.OutputFolder import check_room, check_write_target
 from MLPipeline.ResNet_Model import Classifier
 from MLPipeline.extras.Checkpoint import check_model_file, check_model_info, load_checkpoint
 
@@ -60,6 +59,8 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
     model_path = Path(model_path)
     out = Path(out) if out else model_path.with_suffix(f".{file_format}")
     check_write_target(out, "--out", folder=False, inputs=[model_path])
+    if file_format == "onnx":  # before the work: the export is verified with ONNX Runtime
+        import_onnx("--format onnx", "export --format pt2")
     network, checkpoint = load_checkpoint(model_path)
     check_free_space(out, checkpoint["state_dict"])
     model = Uint8Classifier(network).eval()
@@ -73,16 +74,9 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
 
 
 def check_free_space(out: Path, state_dict: dict) -> None:
-    """Refuse to start an export the disk cannot hold: torch.export.save aborts the whole process (SIGABRT,
-    no Python exception) when the disk fills up under it. Twice the weights' size leaves room for the graph."""
-    needed = 2 * sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
-    folder = Path(out).resolve().parent
-    while not folder.exists():  # atomic_write makes the folders the export goes in
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise UserError(f"{out.parent} has {free / 1e6:.0f} MB free, and the export needs about {needed / 1e6:.0f} MB: "
-                        f"free some space or choose another --out")
+    """Refuse to start an export the disk (or ulimit -f) cannot hold: torch.export.save aborts the whole process
+    (SIGABRT, no Python exception) when a write fails under it. Twice the weights' size leaves room for the graph."""
+    check_room(out, 2 * sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values()))
 
 
 def dynamic_batch() -> dict:
@@ -172,6 +166,21 @@ class OnnxModel:
         return torch.from_numpy(np.concatenate(outputs))
 
 
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def import_onnx(what: str, instead: str) -> tuple:
+    """(onnx, onnxruntime), or one UserError saying what cannot work without them and what to do instead."""
+    try:
+        import onnx  # with onnxruntime, a second or so to import, and only the paths that use them need them
+        import onnx.numpy_helper
+        import onnxruntime
+    except ImportError as error:
+        raise UserError(f"{what} needs onnx and onnxruntime, which cannot be imported here ({error}): "
+                        f"pip install onnx onnxruntime, or {instead}") from None
+    return onnx, onnxruntime
+
+
 def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
     """Open an .onnx file exported by this project; ONNX Runtime runs it on the CPU."""
     if device not in ("auto", "cpu"):
@@ -179,8 +188,7 @@ def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
                         f"use --device cpu or auto")
     path = Path(path)
     check_model_file(path, "export one with `python engine.py export`")
-    import onnx  # with onnxruntime, a second or so to import, and only this path needs them
-    import onnxruntime
+    onnx, onnxruntime = import_onnx("an .onnx model", "use model.pt instead")
     check_archive(path, "ONNX model")  # its size, before it is read
     data = path.read_bytes()
     try:
@@ -201,6 +209,10 @@ def load_onnx_model(path: Path, device: str = "auto") -> OnnxModel:
     except ValueError:
         raise UserError(f"{path} has damaged metadata (not JSON): export it again") from None
     check_model_info(info, path)
+    if not all(np.isfinite(onnx.numpy_helper.to_array(weights)).all() for weights in model.graph.initializer
+               if weights.data_type in FLOAT_TYPES):
+        raise UserError(f"{path} is damaged: some of its weights are not finite numbers (NaN or infinite); export "
+                        f"it again")
     graph_input, graph_output = session.get_inputs()[0].shape, session.get_outputs()[0].shape
     if graph_input[1:3] != [info["img_size"]] * 2 or graph_output[1] != len(info["classes"]):
         raise UserError(f"{path}'s metadata do not match its graph ({len(info['classes'])} classes and img_size "

@@ -64,8 +64,8 @@ def load_cache(folder: Path, fingerprint: str, width: int) -> FeatureCache:
         keys, rows, features = stored["keys"], stored["rows"], stored["features"]
         if stored["format"] != CACHE_FORMAT or stored["fingerprint"] != fingerprint:
             raise ValueError("made for another backbone or format")
-        if features.ndim != 2 or features.shape[1] != width or not features.isfinite().all():
-            raise ValueError(f"its features are not finite rows of the backbone's width {width}")
+        if features.dtype != torch.float32 or features.ndim != 2 or features.shape[1] != width or not features.isfinite().all():
+            raise ValueError(f"its features are not finite float32 rows of the backbone's width {width}")
         if len(rows) != len(keys) or not all(0 <= row < len(features) for row in rows):
             raise ValueError("its keys and rows do not match")
     except (UserError, KeyError, TypeError, ValueError, AttributeError) as error:

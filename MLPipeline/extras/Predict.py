@@ -1,6 +1,7 @@
 """Using a trained model: load it, classify images, score a labelled folder. Nothing here trains."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from MLPipeline.extras.Distributed import is_main_process, sharded, start_distri
 from MLPipeline.extras.Explain import explain_evaluation
 from MLPipeline.extras.Export import OnnxModel, load_onnx_model
 from MLPipeline.extras.Files import check_data_dir, find_presplit, index_folder, list_images
-from MLPipeline.extras.OutputFolder import check_write_target, output_lock
+from MLPipeline.extras.OutputFolder import as_path, check_write_target, output_lock
 
 
 @dataclass
@@ -69,9 +70,11 @@ def expand_inputs(inputs: list | str | Path) -> list:
     """Folders become the image files under them (recursively); files and arrays pass through. A single path
     (a str or Path, not in a list) is one input: iterating over its characters would read the whole disk."""
     expanded = []
-    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        if isinstance(item, (str, Path)) and os.path.isdir(item):  # False, not an error, where it cannot be known
-            expanded += [str(path) for path in list_images(Path(item))]
+    for item in [inputs] if isinstance(inputs, (str, bytes, os.PathLike)) or not hasattr(inputs, "__iter__") \
+            else inputs:
+        item = item if isinstance(item, np.ndarray) else as_path(item, "an input")  # never bytes, a tensor, None
+        if isinstance(item, Path) and os.path.isdir(item):  # False, not an error, where it cannot be known
+            expanded += [str(path) for path in list_images(item)]
         else:
             expanded.append(item)
     return expanded
@@ -98,6 +101,8 @@ def predict(model: TrainedModel | OnnxModel, inputs: list | str | Path, batch_si
     are decoded as in training; arrays are resized the same way. Under torchrun each process classifies its
     share of the files, and every process returns the whole table, in order.
     """
+    if min_confidence is not None:
+        min_confidence = Calibration.check_probability(min_confidence, "min_confidence")
     items = expand_inputs(inputs)
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
     errors = [""] * len(items)
@@ -148,6 +153,7 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
 
 
 EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration)\.png"  # what evaluate draws in its folder
+TRAINING_OUTPUTS = r".*\.pt|history\.csv|loss_curve\.png"  # a training run's folder: never evaluate's to overwrite
 
 
 def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,
@@ -161,11 +167,17 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
     calibration.png and coverage.csv (images kept and their accuracy at each confidence threshold); with
     min_confidence, how many images go to review.
     """
+    data_dir, output_dir = as_path(data_dir, "data_dir"), as_path(output_dir, "output_dir")
     check_data_dir(data_dir)
-    check_write_target(output_dir, "--output-dir", folder=True, data_dirs=[data_dir], writes=EVALUATION_IMAGES)
-    if (Path(output_dir) / "model.pt").exists():
-        raise UserError(f"{output_dir} holds a trained model and its outputs, which evaluate would overwrite: "
-                        f"choose another --output-dir")
+    check_write_target(output_dir, "--output-dir", folder=True, data_dirs=[data_dir], writes=EVALUATION_IMAGES,
+                       subfolders=["explained"], foreign=TRAINING_OUTPUTS)
+    with output_lock(output_dir) if is_main_process() else contextlib.nullcontext():  # before the work
+        return scored(model, data_dir, output_dir, max_pixels, max_examples, workers, explain_count, min_confidence)
+
+
+def scored(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None,
+           max_examples: int, workers: int, explain_count: int, min_confidence: float | None) -> dict:
+    """evaluate's work, in its locked output folder."""
     presplit = find_presplit(Path(data_dir))  # a pre-split folder is scored on its test part
     index = index_folder(presplit[1] if presplit else Path(data_dir))
     if index.empty:
@@ -203,12 +215,11 @@ def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, 
                             "accuracy_on_the_rest": rest}
     if is_main_process():
         wrong = predictions.path[predictions.label != predictions.predicted].tolist()[:max_examples]
-        with output_lock(output_dir):
-            misclassified = explain_evaluation(model, predictions, load_images(wrong, model.img_size)[0],
-                                               Path(output_dir), explain_count)
-            Report.write_evaluation(Path(output_dir), report, predictions, misclassified)
-            Report.write_csv(Path(output_dir) / "coverage.csv", coverage)
-            Report.draw(Calibration.plot_reliability, bins, report["expected_calibration_error"],
-                        Path(output_dir) / "calibration.png",
-                        f"{Report.backbone_title(model.info)}, temperature {model.temperature:.3g}")
+        misclassified = explain_evaluation(model, predictions, load_images(wrong, model.img_size)[0],
+                                           Path(output_dir), explain_count)
+        Report.write_evaluation(Path(output_dir), report, predictions, misclassified)
+        Report.write_csv(Path(output_dir) / "coverage.csv", coverage)
+        Report.draw(Calibration.plot_reliability, bins, report["expected_calibration_error"],
+                    Path(output_dir) / "calibration.png",
+                    f"{Report.backbone_title(model.info)}, temperature {model.temperature:.3g}")
     return report

@@ -23,7 +23,7 @@ from MLPipeline import Train
 from MLPipeline.CreateDataset import UserError
 from MLPipeline.Train import TrainConfig, TrainingRun
 from MLPipeline.extras.Files import MAX_PIXELS, index_folder, loader, mark_duplicates
-from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, check_write_target, output_lock
+from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, as_path, check_write_target, output_lock
 from MLPipeline.extras.Weights import BACKBONES, load_backbone
 
 
@@ -62,8 +62,8 @@ class RunConfig(TrainConfig):
     val_size: float = 0.0
 
     def __post_init__(self):
-        self.data_dir, self.output_dir = Path(self.data_dir), Path(self.output_dir)
-        self.cache_dir = None if self.cache_dir is None else Path(self.cache_dir)
+        self.data_dir, self.output_dir = as_path(self.data_dir, "data_dir"), as_path(self.output_dir, "output_dir")
+        self.cache_dir = None if self.cache_dir is None else as_path(self.cache_dir, "cache_dir")
         self.check()
 
     def check(self) -> None:

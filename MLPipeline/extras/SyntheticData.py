@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from MLPipeline.extras.Common import UserError
 from MLPipeline.extras.Files import list_images
-from MLPipeline.extras.OutputFolder import check_write_target
+from MLPipeline.extras.OutputFolder import check_write_target, own_folder, shown
 
 CLASS_NAMES = ("driving_license", "social_security", "others")
 
@@ -735,7 +735,7 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
     if seed < 0:
         raise UserError(f"--seed must be 0 or more, got {seed}")
     out_dir = Path(out_dir)
-    check_write_target(out_dir, "--out", folder=True)
+    check_write_target(out_dir, "--out", folder=True, subfolders=CLASS_NAMES)  # no class folder that is a link
     existing = list_images(out_dir) if out_dir.is_dir() else []
     if existing and not force:
         raise UserError(f"{out_dir} already holds {len(existing)} images; "
@@ -761,8 +761,15 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
         context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
         with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
             pool.map(write_sample, jobs, chunksize=8)
+    for class_name in CLASS_NAMES:  # before anything moves: a user's own file of a demo name is never replaced
+        for written in (partial / class_name).iterdir() if (out_dir / class_name).is_dir() else ():
+            there = out_dir / class_name / written.name
+            if there.is_symlink() or (there.exists() and there.read_bytes() != written.read_bytes()):
+                shutil.rmtree(partial)
+                raise UserError(f"{shown(there)} exists and is not the demo image of that name: it is never "
+                                f"replaced; move it, or choose another --out")
     for class_name in CLASS_NAMES:
-        (out_dir / class_name).mkdir(exist_ok=True)
+        own_folder(out_dir / class_name)  # never a link: nothing written through it
         for written in sorted((partial / class_name).iterdir()):
             os.replace(written, out_dir / class_name / written.name)
     shutil.rmtree(partial)
