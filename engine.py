@@ -221,6 +221,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                       "of the two on the first batch) (default: %(default)s)")
     tool.add_argument("--inference-batch-size", type=int, help="batch size of feature extraction and scoring "
                       "(default: 64 on a GPU, 16 at 200 px on the CPU)")
+    tool.add_argument("--unfamiliar-share", type=float, default=0.05, help="share of familiar held-out images "
+                      "(the validation split, else out-of-fold training images) that the unfamiliar-input "
+                      "threshold sends to review (default: %(default)s)")
 
 
 def add_max_pixels_and_workers(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from MLPipeline.Train import TrainConfig
 from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Familiarity import SHARE
 from MLPipeline.extras.ImageFiles import MAX_PIXELS
 from MLPipeline.extras.Weights import BACKBONES
 
@@ -33,6 +34,7 @@ class RunConfig(TrainConfig):
     folds: int = 0
     class_weights: str = "none"
     val_size: float = 0.0
+    unfamiliar_share: float = SHARE  # of familiar held-out images the unfamiliar-input threshold flags
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,7 +79,8 @@ BOUNDS = {"epochs": {"at least": 1, "at most": 100_000}, "batch_size": {"at leas
           "test_size": {"above": 0, "below": 1}, "seed": {"at least": 0, "at most": 2**63 - 1},
           "workers": {"at least": 0, "at most": 256}, "max_pixels": {"at least": 1},
           "inference_batch_size": {"at least": 1, "at most": 65_536}, "backbone_lr": {"above": 0, "at most": 1},
-          "folds": {"at least": 0, "at most": 100}, "val_size": {"at least": 0, "below": 1}}
+          "folds": {"at least": 0, "at most": 100}, "val_size": {"at least": 0, "below": 1},
+          "unfamiliar_share": {"above": 0, "below": 1}}
 WHOLE = {"epochs", "batch_size", "img_size", "seed", "workers", "max_pixels", "inference_batch_size", "folds"}
 COMPARE = {"at least": operator.ge, "above": operator.gt, "at most": operator.le, "below": operator.lt}
 

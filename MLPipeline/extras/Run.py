@@ -15,6 +15,7 @@ import pandas as pd
 import MLPipeline.extras.Report as Report
 from MLPipeline import Train
 from MLPipeline.Train import TrainConfig, TrainingRun
+from MLPipeline.extras import Familiarity
 from MLPipeline.extras.Folders import index_folder, mark_duplicates
 from MLPipeline.extras.ImageFiles import loader
 from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, check_write_target, output_lock
@@ -55,8 +56,10 @@ def runs_the_recipe(config: RunConfig) -> bool:
 
 def recipe_pieces(config: RunConfig) -> dict:
     """What engine.py hands the recipe's train(): the tool's folder walk (links, loops, sidecars, PDFs named),
-    decoder (every format, EXIF rotation, the pixel limit) and weights policy (a pretrained backbone offline)."""
-    return {"index_folder": index_folder, "load_image": loader(config.max_pixels), "load_backbone": load_backbone}
+    decoder (every format, EXIF rotation, the pixel limit), weights policy (a pretrained backbone offline) and
+    save (model.pt also keeps the unfamiliar-input score, fitted on the training features)."""
+    return {"index_folder": index_folder, "load_image": loader(config.max_pixels), "load_backbone": load_backbone,
+            "save": Familiarity.save_outputs}
 
 
 def write_reports(run: TrainingRun, output_dir: Path) -> None:
