@@ -55,7 +55,7 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
     """What model.pt keeps: the Gaussians of the training features, and the threshold that `share` of the
     held-out (features, labels) exceed; without held-out images, the distances of each of `folds` folds of the
     training images under Gaussians fitted on the other folds. None, with a warning, when nothing can set it."""
-    x = F.normalize(features.float(), dim=1)
+    x = F.normalize(features.double(), dim=1)  # float64: the fold moments are differences of sums
     totals = moments(x, labels, num_classes)
     score = stored(*gaussians(*totals))
     if held_out is not None and len(held_out[0]):
@@ -82,29 +82,29 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
 
 def moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
     """What the Gaussians are made of: the sum of x x^T, and each class's sum of x and count."""
-    sums = torch.zeros(num_classes, x.shape[1]).index_add_(0, labels, x)
-    return x.T @ x, sums, torch.bincount(labels, minlength=num_classes).float()
+    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    return x.T @ x, sums, torch.bincount(labels, minlength=num_classes).to(x.dtype)
 
 
 def gaussians(gram: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each class's mean (NaN for a class without images) and the Cholesky factor of the shared covariance
-    around them, shrunk (the matrix is then well conditioned: float32 suffices)."""
+    around them, shrunk (positive definite even when every class has one image, and no spread)."""
     means = sums / counts[:, None]
     covariance = (gram - sums[counts > 0].T @ means[counts > 0]) / counts.sum()
-    covariance = (1 - SHRINK) * covariance + SHRINK * covariance.diagonal().mean() * torch.eye(len(covariance))
+    spread = covariance.diagonal().mean().clamp(min=1e-6)
+    covariance = (1 - SHRINK) * covariance + SHRINK * spread * torch.eye(len(covariance), dtype=covariance.dtype)
     return means, torch.linalg.cholesky(covariance)
 
 
 def fold_distances(means: torch.Tensor, factor: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each (L2-normalised) x's distance to its own class's Gaussian (means, Cholesky factor)."""
-    centred = x - means[labels]
-    return torch.linalg.solve_triangular(factor, centred.T, upper=False).norm(dim=0)
+    return torch.linalg.solve_triangular(factor, (x - means[labels]).T, upper=False).norm(dim=0).float()
 
 
 def stored(means: torch.Tensor, factor: torch.Tensor) -> dict[str, torch.Tensor]:
     """The Gaussians as model.pt keeps them, in float16 (half the bytes; the threshold is set with these values):
     the whitening matrix W (the Cholesky factor's inverse) and each mean through it: distance = |Wx - Wm|."""
-    whiten = torch.linalg.solve_triangular(factor, torch.eye(len(factor)), upper=False)
+    whiten = torch.linalg.solve_triangular(factor, torch.eye(len(factor), dtype=factor.dtype), upper=False)
     return {"whiten": whiten.half(), "centres": (means @ whiten.T).half()}
 
 
@@ -149,12 +149,13 @@ def review_table(score: dict | None, probabilities: np.ndarray, features: torch.
         measured = distances(score, features).numpy() if len(predicted) else np.zeros((0, len(classes)))
         closest = measured.argmin(1)
         table["unfamiliarity"] = measured[np.arange(len(predicted)), predicted] / score["threshold"]
-        table["closest_class"] = [classes[c] for c in closest]
+        table["closest_class"] = pd.Series([classes[c] for c in closest], dtype=object)
         unfamiliar = flags_unfamiliar & ((table.unfamiliarity.to_numpy() > 1) | (closest != predicted))
     low = to_review(probabilities.max(1), min_confidence)
-    table.insert(0, "reason", ["; ".join(why for why, flagged in ((UNFAMILIAR, u), (LOW_CONFIDENCE, c)) if flagged)
-                               for u, c in zip(unfamiliar, low)])
-    table.insert(0, "decision", [REVIEW if why else classes[c] for why, c in zip(table.reason, predicted)])
+    table.insert(0, "reason", pd.Series(["; ".join(why for why, flagged in ((UNFAMILIAR, u), (LOW_CONFIDENCE, c))
+                                                   if flagged) for u, c in zip(unfamiliar, low)], dtype=object))
+    table.insert(0, "decision", pd.Series([REVIEW if why else classes[c] for why, c in zip(table.reason, predicted)],
+                                          dtype=object))
     return table
 
 
