@@ -21,7 +21,8 @@ from MLPipeline.Train import train  # the recipe
 from MLPipeline.extras import Run  # noqa: I001 (the machinery around it)
 from MLPipeline.extras.Files import MAX_PIXELS
 from MLPipeline.extras.OutputFolder import printable, worker_handover_failed
-from MLPipeline.extras.Run import STOP_REQUESTED, RunConfig, Terminated, UserError, check_option, request_stop
+from MLPipeline.extras.Common import STOP_REQUESTED, Terminated, request_stop
+from MLPipeline.extras.Run import RunConfig, UserError, check_option
 from MLPipeline.extras.Weights import BACKBONES
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +80,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.explain:
         torch_network(model)  # an .onnx model cannot explain: say so before classifying anything
     results = predict(model, args.paths, max_pixels=args.max_pixels, workers=args.workers,
-                      min_confidence=min_confidence)
+                      min_confidence=min_confidence, review=args.review)
     if results.empty:
         raise UserError(f"no image files found in {', '.join(map(str, args.paths))}")
     if not is_main_process():  # under torchrun every process has the whole table; rank 0 reports it
@@ -88,11 +89,10 @@ def run_predict(args: argparse.Namespace) -> int:
         Report.write_csv(Path(args.csv), results)
     for _, row in results[results.error == ""].iterrows():  # the failed ones were named as they were skipped
         ranked = sorted(model.classes, key=lambda name: -row[f"p_{name}"])[:args.top_k]
-        decision = f"{row['decision']}\t" if min_confidence is not None else ""
+        decision = f"{row['decision']}{f' ({row.reason})' if row.reason else ''}\t" if "reason" in row else ""
         print(f"{row['input']}\t{decision}" + "\t".join(f"{name} {row[f'p_{name}']:.3f}" for name in ranked))
-    if min_confidence is not None:  # a review is an answer, not an error: the exit status stays 0
-        print(f"review: {(results.decision == 'review').sum()} of {(results.error == '').sum()} image(s) below "
-              f"confidence {min_confidence:g}")
+    if "reason" in results and (results.error == "").any():  # a review is an answer: the exit status stays 0
+        print(review_line(results.reason[results.error == ""], min_confidence))
     if args.explain:
         written = explain_paths(model, results.input[results.error == ""].tolist(), args.explain,
                                 max_pixels=args.max_pixels)
@@ -102,6 +102,14 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: {failed} of {len(results)} input(s) could not be classified (named above)", file=sys.stderr)
         return 2
     return 0
+
+
+def review_line(reasons, min_confidence: float | None) -> str:
+    """The summary of predict's review: how many images went there, and why."""
+    low = "" if min_confidence is None else (f", {reasons.str.contains('low confidence').sum()} below confidence "
+                                             f"{min_confidence:g}")
+    return (f"review: {(reasons != '').sum()} of {len(reasons)} image(s) "
+            f"({reasons.str.contains('unfamiliar').sum()} unfamiliar{low})")
 
 
 def checked_min_confidence(value: float | None) -> float | None:
@@ -137,7 +145,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.explain_count:
         torch_network(model)  # an .onnx model cannot explain: say so before scoring anything
     report = evaluate(model, args.data_dir, args.output_dir, args.max_pixels, workers=args.workers,
-                      explain_count=args.explain_count, min_confidence=min_confidence)
+                      explain_count=args.explain_count, min_confidence=min_confidence, review=args.review)
     if not is_main_process():
         return 0
     print(f"accuracy {100 * report['accuracy']:.2f}% on {report['images']} images "
@@ -146,10 +154,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"expected calibration error {100 * report['expected_calibration_error']:.2f}% (temperature "
           f"{report['temperature']:.3g}); kept at each confidence threshold:")
     print("\n".join(coverage_lines(pd.DataFrame(report["coverage"]), report["images"])))
-    if min_confidence is not None:
-        rest = report["review"]["accuracy_on_the_rest"]
-        print(f"review: {report['review']['images']} of {report['images']} image(s) below confidence "
-              f"{min_confidence:g}" + ("" if rest is None else f"; accuracy {100 * rest:.2f}% on the rest"))
+    if "review" in report:
+        review, rest = report["review"], report["review"]["accuracy_on_the_rest"]
+        print(f"review: {review['images']} of {report['images']} image(s) ({review['unfamiliar']} unfamiliar, "
+              f"{review['low_confidence']} low confidence); {review['decided']} decided "
+              f"({100 * review['coverage']:.1f}%)" + ("" if rest is None else f", {100 * rest:.2f}% of them right"))
     print(f"outputs in {args.output_dir}")
     return 0
 
@@ -235,6 +244,14 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                       "of the two on the first batch) (default: %(default)s)")
     tool.add_argument("--inference-batch-size", type=int, help="batch size of feature extraction and scoring "
                       "(default: 64 on a GPU, 16 at 200 px on the CPU)")
+    tool.add_argument("--unfamiliar-share", type=float, default=0.05, help="share of familiar held-out images "
+                      "(the validation split, else out-of-fold training images) that the unfamiliar-input "
+                      "threshold sends to review (default: %(default)s)")
+
+
+def add_review_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-review", dest="review", action="store_false", help="do not send images unlike the "
+                        "training images to review (by default they get the decision 'review', reason unfamiliar)")
 
 
 def add_max_pixels_and_workers(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +265,8 @@ def add_predict_options(predictor: argparse.ArgumentParser) -> None:
     predictor.add_argument("--csv", type=Path, help="also write every class probability per image here")
     predictor.add_argument("--top-k", type=positive_int, default=1, help="how many classes to print per image")
     predictor.add_argument("--min-confidence", type=float, metavar="P", help="a prediction whose probability is "
-                           "below P gets the decision 'review' (a column of its own; exit status still 0)")
+                           "below P also gets the decision 'review' (reason: low confidence; exit status still 0)")
+    add_review_option(predictor)
     predictor.add_argument("--explain", type=Path, metavar="DIR", help="also write a Grad-CAM heatmap picture of "
                            "each classified image to DIR (needs model.pt: an .onnx file has no gradients)")
     add_device_option(predictor)
@@ -259,8 +277,9 @@ def add_evaluate_options(evaluator: argparse.ArgumentParser) -> None:
     evaluator.add_argument("data_dir", type=Path, help="folder with one sub-folder per class")
     evaluator.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     evaluator.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "evaluation")
-    evaluator.add_argument("--min-confidence", type=float, metavar="P", help="count the images a prediction "
-                           "threshold of P sends to review, and the accuracy on the rest")
+    evaluator.add_argument("--min-confidence", type=float, metavar="P", help="also send the images whose "
+                           "probability is below P to review")
+    add_review_option(evaluator)
     evaluator.add_argument("--explain-count", type=int, default=0, metavar="N", help="explained/ in the output "
                            "folder also shows the N least confident correct images (default: %(default)s)")
     add_device_option(evaluator)

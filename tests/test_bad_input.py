@@ -494,7 +494,8 @@ def test_bad_model_file_exits_2(cli, model_files, command, case, tiny_data, tmp_
 def test_predict_mix_of_good_missing_and_corrupt_paths(messy, tiny_data, tmp_path):
     good, missing, broken = tiny_data / "beta" / "001.png", tmp_path / "missing photo.jpg", tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    result = run_engine("predict", good, missing, broken, "--model", messy.out / "model.pt", "--device", "cpu")
+    result = run_engine("predict", good, missing, broken, "--model", messy.out / "model.pt", "--device", "cpu",
+                        "--no-review")
     assert_user_error(result)
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{good}\t"), result.stdout

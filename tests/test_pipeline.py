@@ -119,7 +119,8 @@ def test_predict_cli_prints_each_image_writes_csv_and_names_bad_files(trained, t
     shutil.copytree(tiny_data / "beta", inputs / "nested")
     (inputs / "broken.jpg").write_bytes(b"not an image")
     good = sorted(str(p) for p in (inputs / "nested").iterdir())
-    result = cli("predict", inputs, "--model", output_dir / "model.pt", "--csv", tmp_path / "p.csv", "--top-k", "2")
+    result = cli("predict", inputs, "--model", output_dir / "model.pt", "--csv", tmp_path / "p.csv", "--top-k", "2",
+                 "--no-review")
     assert result.returncode == 2
     lines = result.stdout.strip().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == good
@@ -129,7 +130,7 @@ def test_predict_cli_prints_each_image_writes_csv_and_names_bad_files(trained, t
     assert len(table) == len(good) + 1
     probabilities = table[[f"p_{name}" for name in run.classes]].dropna()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    clean = cli("predict", *good[:2], "--model", output_dir / "model.pt")
+    clean = cli("predict", *good[:2], "--model", output_dir / "model.pt", "--no-review")
     assert clean.returncode == 0 and len(clean.stdout.strip().splitlines()) == 2
 
 
@@ -167,7 +168,8 @@ def test_evaluate_writes_outputs_that_agree_with_its_predictions(trained, tiny_d
 def test_class_names_that_are_not_identifiers_work_end_to_end(tmp_path, cli):
     make_image_folder(tmp_path / "data", classes=("ID card", "driving-licence"), per_class=5)
     assert cli("--data-dir", tmp_path / "data", "--output-dir", tmp_path / "out", *FAST).returncode == 0
-    result = cli("predict", tmp_path / "data" / "ID card", "--model", tmp_path / "out" / "model.pt", "--top-k", "2")
+    result = cli("predict", tmp_path / "data" / "ID card", "--model", tmp_path / "out" / "model.pt", "--top-k", "2",
+                 "--no-review")
     assert result.returncode == 0, result.stderr
     assert all(line.count("ID card") >= 2 and "driving-licence" in line for line in result.stdout.splitlines())
 

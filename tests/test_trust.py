@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MLPipeline.extras import Calibration, CrossValidation
+from MLPipeline.extras import Calibration, CrossValidation, Familiarity
 from MLPipeline.extras.Common import UserError
 
 LABELS = np.array([0] * 13 + [1] * 7 + [2] * 10 + [3] * 5)  # unequal classes, none a multiple of k
@@ -235,9 +235,14 @@ def test_coverage_accuracy_rises_with_the_threshold_when_the_unsure_predictions_
 def test_coverage_keeps_a_confidence_equal_to_the_threshold_and_is_nan_when_it_keeps_nothing():
     probabilities = np.array([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]])
     table = Calibration.coverage_table(probabilities, np.array([0, 1, 1]), thresholds=(0.5, 0.9, 0.95))
-    assert table.kept.tolist() == [3, 1, 0]  # 0.9 is kept at 0.9, as decisions() keeps it
+    assert table.kept.tolist() == [3, 1, 0]  # 0.9 is kept at 0.9, as the review keeps it
     assert table.accuracy_on_kept.iloc[1] == 0.0 and math.isnan(table.accuracy_on_kept.iloc[2])
     assert Calibration.coverage_lines(table, 3)[2].endswith("none to score")
+
+
+def decisions(probabilities, classes, min_confidence) -> list[str]:
+    """The decisions of a model without an unfamiliar-input score: confidence alone."""
+    return Familiarity.review_table(None, probabilities, None, classes, min_confidence).decision.tolist()
 
 
 def test_decisions_review_below_the_threshold_everything_at_1_and_nothing_at_0_or_none():
@@ -245,17 +250,17 @@ def test_decisions_review_below_the_threshold_everything_at_1_and_nothing_at_0_o
     probabilities[2] = torch.tensor([30.0, 0.0]).softmax(0).numpy()  # rounds to exactly 1.0 in float32
     assert probabilities[2, 0] == 1.0
     classes = ["letter", "invoice"]
-    assert Calibration.decisions(probabilities, classes, None) == ["invoice", "letter", "letter"]
-    assert Calibration.decisions(probabilities, classes, 0.0) == ["invoice", "letter", "letter"]
-    assert Calibration.decisions(probabilities, classes, 0.7) == ["invoice", "review", "letter"]
-    assert Calibration.decisions(probabilities, classes, 0.8) == ["invoice", "review", "letter"]  # 0.8 is kept
-    assert Calibration.decisions(probabilities, classes, 1.0) == ["review"] * 3
+    assert decisions(probabilities, classes, None) == ["invoice", "letter", "letter"]
+    assert decisions(probabilities, classes, 0.0) == ["invoice", "letter", "letter"]
+    assert decisions(probabilities, classes, 0.7) == ["invoice", "review", "letter"]
+    assert decisions(probabilities, classes, 0.8) == ["invoice", "review", "letter"]  # 0.8 is kept
+    assert decisions(probabilities, classes, 1.0) == ["review"] * 3
 
 
 def test_a_class_named_review_cannot_take_review_decisions():
     with pytest.raises(UserError, match="named 'review'"):
-        Calibration.decisions(np.array([[0.9, 0.1]]), ["review", "invoice"], 0.5)
-    assert Calibration.decisions(np.array([[0.9, 0.1]]), ["review", "invoice"], None) == ["review"]
+        decisions(np.array([[0.9, 0.1]]), ["review", "invoice"], 0.5)
+    assert decisions(np.array([[0.9, 0.1]]), ["review", "invoice"], None) == ["review"]
 
 
 def test_balanced_weights_are_n_over_c_times_n_c():

@@ -56,7 +56,7 @@ def test_min_confidence_one_sends_everything_to_review_and_zero_nothing(calibrat
                                                                        reviewed):
     data, output, _ = calibrated
     result = cli("predict", data, "--model", output / "model.pt", "--min-confidence", threshold,
-                 "--csv", tmp_path / "p.csv")
+                 "--csv", tmp_path / "p.csv", "--no-review")  # confidence alone (unfamiliar inputs: test_familiarity)
     assert result.returncode == 0, result.stderr  # a review is an answer, not an error
     table = pd.read_csv(tmp_path / "p.csv")
     expected = table.label if reviewed == "none" else pd.Series(["review"] * len(table))
@@ -73,7 +73,7 @@ def test_a_min_confidence_outside_0_and_1_is_a_user_error(calibrated, cli):
 def test_evaluate_reports_calibration_coverage_and_review(calibrated, cli, tmp_path):
     data, output, _ = calibrated
     result = cli("evaluate", data, "--model", output / "model.pt", "--output-dir", tmp_path / "e",
-                 "--min-confidence", "0.9")
+                 "--min-confidence", "0.9", "--no-review")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert 0 <= metrics["expected_calibration_error"] <= 1 and (tmp_path / "e" / "calibration.png").stat().st_size

@@ -1,5 +1,5 @@
 """How far the model's confidence can be trusted: temperature scaling, calibration error, the reliability plot,
-coverage at confidence thresholds, 'review' decisions, and class weights for unbalanced training sets.
+coverage at confidence thresholds and the risk-coverage plot, and class weights for unbalanced training sets.
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure  # a bare Figure needs no GUI backend and no global pyplot state
 
-from MLPipeline.extras.Common import UserError, log
+from MLPipeline.CreateDataset import UserError, log
 from MLPipeline.extras.Checkpoint import TEMPERATURE_RANGE  # beyond it, held-out logits are degenerate, not mis-scaled
 from MLPipeline.extras.Report import save_figure
 
 MIN_CALIBRATION_IMAGES = 10  # fewer held-out images say too little about the confidence to fit it
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-REVIEW = "review"  # the decision of a prediction below --min-confidence
+REVIEW = "review"  # the decision of an image sent to review (unfamiliar, or below --min-confidence)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -121,6 +121,34 @@ def plot_reliability(bins_table: pd.DataFrame, ece: float, path: Path, title: st
     save_figure(figure, path)
 
 
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A confidence threshold lowered over the `kept` images, one at a time: the share of all images decided
+    (coverage) and the share of those decided that are wrong (risk) at each step."""
+    order = np.argsort(-confidence[kept], kind="stable")
+    decided = np.arange(1, len(order) + 1)
+    return decided / len(confidence), np.cumsum(~correct[kept][order]) / decided
+
+
+def plot_risk_coverage(confidence: np.ndarray, correct: np.ndarray, familiar: np.ndarray | None,
+                       decided: np.ndarray | None, path: Path, title: str) -> None:
+    """risk_coverage.png: risk against coverage for confidence alone, for confidence once the unfamiliar images
+    are sent to review, and the point of the decisions made."""
+    figure = Figure(figsize=(5.5, 4.2))
+    axes = figure.subplots()
+    axes.plot(*risk_coverage(confidence, correct, np.ones(len(confidence), dtype=bool)), label="confidence alone")
+    if familiar is not None and not familiar.all():
+        axes.plot(*risk_coverage(confidence, correct, familiar), label="confidence, unfamiliar images to review")
+    if decided is not None:
+        risk = 1 - correct[decided].mean() if decided.any() else 0.0
+        axes.plot(decided.mean(), risk, "o", color="tab:red",
+                  label=f"the decisions: {100 * decided.mean():.1f}% decided, {100 * risk:.1f}% of them wrong")
+    axes.set(xlim=(0, 1.02), ylim=(0, None), xlabel="coverage (share of the images decided)",
+             ylabel="risk (share of the decided that are wrong)", title=title)
+    axes.title.set_fontsize(9)
+    axes.legend(fontsize=8)
+    save_figure(figure, path)
+
+
 def to_review(confidence: np.ndarray, min_confidence: float | None) -> np.ndarray:
     """Which top probabilities go to review: below min_confidence, or all of them when it is 1 (float32 rounds
     probabilities just under 1 up to 1, and 'at least 1.0' would otherwise keep those)."""
@@ -149,16 +177,6 @@ def coverage_lines(table: pd.DataFrame, images: int) -> list[str]:
     return [f"confidence >= {row.threshold:g}: {row.kept}/{images} images kept ({100 * row.kept_share:.1f}%), "
             + (f"accuracy {100 * row.accuracy_on_kept:.2f}% on them" if row.kept else "none to score")
             for row in table.itertuples()]
-
-
-def decisions(probabilities: np.ndarray, classes: list[str], min_confidence: float | None) -> list[str]:
-    """Each row's class name, or 'review' when its top probability is below min_confidence (see to_review)."""
-    if min_confidence is not None and REVIEW in classes:
-        raise UserError(f"a class is named '{REVIEW}', the decision --min-confidence gives uncertain images: "
-                        f"rename that folder to use --min-confidence")
-    probabilities = np.asarray(probabilities)
-    review = to_review(probabilities.max(1), min_confidence)
-    return [REVIEW if flagged else classes[best] for best, flagged in zip(probabilities.argmax(1), review)]
 
 
 def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

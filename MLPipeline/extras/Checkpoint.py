@@ -14,6 +14,7 @@ import torch
 
 from MLPipeline.ResNet_Model import CHECKPOINT_FORMAT, Classifier, remove_classifier
 from MLPipeline.extras.Common import UserError, first_line, safe_torch_load
+from MLPipeline.extras.Familiarity import check_score
 from MLPipeline.extras.Weights import create_backbone
 
 TEMPERATURE_RANGE = (0.05, 20.0)  # the temperatures fit_temperature gives: beyond, the logits are degenerate
@@ -32,7 +33,8 @@ def check_model_file(path: Path, how_to_make_one: str) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
-    """Rebuild the trained model from a checkpoint file; returns (model in eval mode on CPU, checkpoint)."""
+    """Rebuild the trained model from a checkpoint file; returns (model in eval mode on CPU, checkpoint). Its
+    unfamiliar-input score, when it has one, is checked too (Familiarity.check_score)."""
     path = Path(path)
     check_model_file(path, "train one first with `python engine.py`")
     checkpoint = safe_torch_load(path, "model file")
@@ -53,6 +55,7 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     except (RuntimeError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path} does not match its declared architecture {checkpoint['arch']} with "
                         f"{len(checkpoint['classes'])} classes: {first_line(error)}") from None
+    check_score(checkpoint.get("unfamiliar_score"), len(checkpoint["classes"]), model.head.in_features, path)
     return model.eval(), checkpoint
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import stat
 import time
 import zipfile
@@ -18,7 +19,6 @@ from MLPipeline.CreateDataset import UserError, first_line, log
 from MLPipeline.ResNet_Model import PROGRESS_SECONDS  # noqa: F401 (how often long loops print a line)
 from MLPipeline.ResNet_Model import atomic_write as replace_whole
 from MLPipeline.Train import pick_device
-from MLPipeline.extras.Run import STOP_REQUESTED, Terminated, request_stop  # noqa: F401 (re-exported)
 
 __all__ = ["UserError", "log", "pick_device", "atomic_write", "safe_torch_load", "first_line",
            "progress_reporter", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
@@ -80,6 +80,22 @@ def check_archive(path: Path, what: str) -> None:
     if damaged:
         raise UserError(f"{path} is damaged ({damaged} fails its CRC check: its bytes changed after it was "
                         f"written); replace it with a good copy or train again")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
+
+
+# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
+# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
+# again, so a Ctrl-C always stops the run at the next batch.
+STOP_REQUESTED: list = []
+
+
+def request_stop(signal_number: int, frame) -> None:
+    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
+    STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
+    raise STOP_REQUESTED[0]()
 
 
 @contextlib.contextmanager

@@ -66,7 +66,8 @@ def export_model(model_path: Path, file_format: str = "onnx", out: Path | None =
     model = Uint8Classifier(network).eval()
     example = torch.zeros(2, checkpoint["img_size"], checkpoint["img_size"], 3, dtype=torch.uint8)
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_batch())  # 2: 1 would fix the size
-    metadata = {key: json.dumps(value) for key, value in checkpoint.items() if key != "state_dict"}
+    metadata = {key: json.dumps(value) for key, value in checkpoint.items()  # the graph gives logits only: the
+                if key not in ("state_dict", "unfamiliar_score")}  # unfamiliar-input score stays with model.pt
     metadata.update(export_format=json.dumps(EXPORT_FORMAT), usage=json.dumps(USAGE))
     with atomic_write(out) as temp_name:
         write_verified(temp_name, file_format, program, metadata, model, checkpoint["img_size"])

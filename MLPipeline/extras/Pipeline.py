@@ -26,6 +26,7 @@ from MLPipeline.extras.Common import log, pick_device
 from MLPipeline.extras.Run import RunConfig
 from MLPipeline.extras.Data import build_index, mark_skipped, unreadable, usable
 from MLPipeline.extras.Distributed import data_parallel, gather, gather_shares, my_share, start_distributed, world
+from MLPipeline.extras import Familiarity
 from MLPipeline.extras.FeatureCache import FeatureCache, content_key, fingerprint, load_cache, save_cache
 from MLPipeline.extras.Files import loader
 from MLPipeline.extras.Unfreeze import optimizer_for, unfreeze
@@ -112,6 +113,7 @@ def train_with_options(config: RunConfig) -> TrainingRun:
     if "val" in held_out:  # temperature scaling, on the split that chose the epoch, never on the test split
         from MLPipeline.extras.Calibration import fit_temperature
         temperature = fit_temperature(*score(network, held_out["val"], device))
+    unfamiliar_score = familiarity_score(model, data, len(classes), config, device) if rank == 0 else None
     timings["total_s"] = time.perf_counter() - started
 
     timings = {name: round(seconds, 2) for name, seconds in timings.items()}
@@ -119,9 +121,11 @@ def train_with_options(config: RunConfig) -> TrainingRun:
     metrics["dataset"]["duplicates"] = dict(zip(*index.query("duplicate_of != ''")[["path", "duplicate_of"]].T.values))
     metrics.update(best_epoch=best["epoch"], trained_on="features" if config.on_features() else "images",
                    backbone_runtime=getattr(backbone, "name", "pytorch"), temperature=temperature or 1.0,
-                   calibrated=temperature is not None, cross_validation=folds)
+                   calibrated=temperature is not None, cross_validation=folds,
+                   unfamiliar_score=Familiarity.summary(unfamiliar_score))
     checkpoint = checkpoint_dict(model, classes, config.img_size, provenance, training=config.recorded(),
-                                 temperature=temperature or 1.0, calibrated=temperature is not None)
+                                 temperature=temperature or 1.0, calibrated=temperature is not None,
+                                 unfamiliar_score=unfamiliar_score)
     if rank == 0:
         write_outputs(config.output_dir, index, metrics, checkpoint, cache)
     log.info("test accuracy %.2f%% (%s %s backbone: %s); outputs in %s", 100 * metrics["test_accuracy"],
@@ -129,6 +133,23 @@ def train_with_options(config: RunConfig) -> TrainingRun:
              provenance["weights_source"], config.output_dir)
     test_paths = usable(index).query("split == 'test'").path.tolist()
     return TrainingRun(model, classes, metrics, index, test_paths, test_logits)
+
+
+def familiarity_score(model: Classifier, data: dict, num_classes: int, config: RunConfig,
+                      device: torch.device) -> dict | None:
+    """The unfamiliar-input score fitted on the training features, its threshold set on the validation split's
+    when there is one (else out of --folds folds). A run on images computes them first, with the trained model."""
+    if config.on_features():
+        features = {name: Familiarity.split_tensors(split) for name, split in data.items()}
+    else:  # one more pass over the training (and validation) images, without augmentation
+        bf16 = config.precision == "auto" and fast_bf16(device)
+        batch_size = config.inference_batch_size or inference_batch_size(device, config.img_size)
+        features = {name: forward_batches(model.eval().features, DataLoader(
+            data[name], batch_size, num_workers=config.workers, collate_fn=decoded_batch), device, bf16, "features")[:2]
+            for name in ("train", "val") if name in data}
+        features = {name: (values, targets.argmax(1)) for name, (values, targets) in features.items()}
+    return Familiarity.fit(*features["train"], num_classes, features.get("val"), config.unfamiliar_share,
+                           config.folds or Familiarity.FOLDS)
 
 
 def mean_over_processes(loss: float, count: int) -> float:

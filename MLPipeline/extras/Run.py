@@ -12,7 +12,6 @@ import contextlib
 import math
 import operator
 import os
-import signal
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,25 +21,10 @@ import MLPipeline.extras.Report as Report
 from MLPipeline import Train
 from MLPipeline.CreateDataset import UserError
 from MLPipeline.Train import TrainConfig, TrainingRun
+from MLPipeline.extras import Familiarity
 from MLPipeline.extras.Files import MAX_PIXELS, index_folder, loader, mark_duplicates
 from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, as_path, check_write_target, output_lock
 from MLPipeline.extras.Weights import BACKBONES, load_backbone
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
-
-
-# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
-# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
-# again, so a Ctrl-C always stops the run at the next batch.
-STOP_REQUESTED: list = []
-
-
-def request_stop(signal_number: int, frame) -> None:
-    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
-    STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
-    raise STOP_REQUESTED[0]()
 
 
 @dataclass
@@ -60,6 +44,7 @@ class RunConfig(TrainConfig):
     folds: int = 0
     class_weights: str = "none"
     val_size: float = 0.0
+    unfamiliar_share: float = Familiarity.SHARE  # of familiar held-out images the unfamiliar-input threshold flags
 
     def __post_init__(self):
         self.data_dir, self.output_dir = as_path(self.data_dir, "data_dir"), as_path(self.output_dir, "output_dir")
@@ -105,7 +90,8 @@ BOUNDS = {"epochs": {"at least": 1, "at most": 100_000}, "batch_size": {"at leas
           "test_size": {"above": 0, "below": 1}, "seed": {"at least": 0, "at most": 2**63 - 1},
           "workers": {"at least": 0, "at most": 256}, "max_pixels": {"at least": 1},
           "inference_batch_size": {"at least": 1, "at most": 65_536}, "backbone_lr": {"above": 0, "at most": 1},
-          "folds": {"at least": 0, "at most": 100}, "val_size": {"at least": 0, "below": 1}}
+          "folds": {"at least": 0, "at most": 100}, "val_size": {"at least": 0, "below": 1},
+          "unfamiliar_share": {"above": 0, "below": 1}}
 WHOLE = {"epochs", "batch_size", "img_size", "seed", "workers", "max_pixels", "inference_batch_size", "folds"}
 COMPARE = {"at least": operator.ge, "above": operator.gt, "at most": operator.le, "below": operator.lt}
 
@@ -152,8 +138,10 @@ def checked_output(config: RunConfig):
 
 def recipe_pieces(config: RunConfig) -> dict:
     """What engine.py hands the recipe's train(): the tool's folder walk (links, loops, sidecars, PDFs named),
-    decoder (every format, EXIF rotation, the pixel limit) and weights policy (a pretrained backbone offline)."""
-    return {"index_folder": index_folder, "load_image": loader(config.max_pixels), "load_backbone": load_backbone}
+    decoder (every format, EXIF rotation, the pixel limit), weights policy (a pretrained backbone offline) and
+    save (model.pt also keeps the unfamiliar-input score, fitted on the training features)."""
+    return {"index_folder": index_folder, "load_image": loader(config.max_pixels), "load_backbone": load_backbone,
+            "save": Familiarity.save_outputs}
 
 
 def write_reports(run: TrainingRun, output_dir: Path) -> None:
