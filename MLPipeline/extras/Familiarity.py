@@ -72,11 +72,8 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
         log.warning("warning: too few images to set the unfamiliar-input threshold on: the model cannot flag "
                     "unfamiliar inputs")
         return None
-    threshold = torch.quantile(reference, 1 - share).item()
-    log.info("unfamiliar-input score: threshold %.4g, above which %g%% of %d familiar held-out images (%s) lie",
-             threshold, 100 * share, len(reference), source)
-    return {**score, "threshold": threshold, "unfamiliar_share": share, "threshold_from": source,
-            "held_out_images": len(reference), "method": METHOD}
+    return {**score, "threshold": torch.quantile(reference, 1 - share).item(), "unfamiliar_share": float(share),
+            "threshold_from": source, "held_out_images": len(reference), "method": METHOD}
 
 
 def moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
