@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from MLPipeline import Train
-from MLPipeline.extras.Calibration import REVIEW, to_review
 from MLPipeline.extras.Common import UserError, log
 
 SHARE = 0.05  # of familiar held-out images flagged unfamiliar: what the threshold means
@@ -73,11 +72,8 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
         log.warning("warning: too few images to set the unfamiliar-input threshold on: the model cannot flag "
                     "unfamiliar inputs")
         return None
-    threshold = torch.quantile(reference, 1 - share).item()
-    log.info("unfamiliar-input score: threshold %.4g, above which %g%% of %d familiar held-out images (%s) lie",
-             threshold, 100 * share, len(reference), source)
-    return {**score, "threshold": threshold, "unfamiliar_share": share, "threshold_from": source,
-            "held_out_images": len(reference), "method": METHOD}
+    return {**score, "threshold": torch.quantile(reference, 1 - share).item(), "unfamiliar_share": float(share),
+            "threshold_from": source, "held_out_images": len(reference), "method": METHOD}
 
 
 def moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
@@ -137,6 +133,7 @@ def review_table(score: dict | None, probabilities: np.ndarray, features: torch.
     """Each image's decision (its label, or 'review'), why it goes to review (unfamiliar, low confidence, or
     both; empty when decided) and, with a score, its unfamiliarity (distance / threshold: above 1, unfamiliar)
     and the class whose training images it lies closest to. review=False: only min_confidence sends to review."""
+    from MLPipeline.extras.Calibration import REVIEW, to_review  # prediction's: training does not load it
     flags_unfamiliar = review and score is not None
     if REVIEW in classes and (flags_unfamiliar or min_confidence is not None):
         raise UserError(f"a class is named '{REVIEW}', the decision given to images sent to review: rename that "

@@ -179,7 +179,7 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
     return results
 
 
-EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration|risk_coverage)\.png"  # what evaluate draws in its folder
+EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration|risk_coverage)\.png"  # what evaluate draws
 
 
 def evaluate(model: TrainedModel | OnnxModel, data_dir: Path, output_dir: Path, max_pixels: int | None = None,

@@ -15,12 +15,12 @@ import pandas as pd
 import MLPipeline.extras.Report as Report
 from MLPipeline import Train
 from MLPipeline.Train import TrainConfig, TrainingRun
-from MLPipeline.extras import Familiarity
 from MLPipeline.extras.Folders import index_folder, mark_duplicates
 from MLPipeline.extras.ImageFiles import loader
 from MLPipeline.extras.OutputFolder import TRAIN_IMAGES, check_write_target, output_lock
 from MLPipeline.extras.Weights import load_backbone
-from MLPipeline.extras.Config import RunConfig  # noqa: I001 (after what it imports: one file switch less)
+from MLPipeline.extras import Familiarity  # noqa: I001 (these two after what they import: file switches less)
+from MLPipeline.extras.Config import RunConfig
 
 
 def train(config: TrainConfig | RunConfig) -> TrainingRun:
