@@ -163,7 +163,7 @@ def test_case6_evaluate_locks_before_the_work_and_keeps_a_training_runs_outputs(
                                                "--workers", "0"))
     assert (run / "metrics.json").read_bytes() == before
     scored = []
-    monkeypatch.setattr(Predict, "file_logits", lambda *args, **kwargs: scored.append(1))
+    monkeypatch.setattr(Predict, "file_outputs", lambda *args, **kwargs: scored.append(1))
     from MLPipeline.extras.OutputFolder import output_lock
     with output_lock(tmp_path / "busy"):
         line = error_line(cli("evaluate", data, "--model", out / "model.pt", "--output-dir", tmp_path / "busy",
