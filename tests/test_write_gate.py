@@ -125,12 +125,18 @@ def test_case4_a_full_disk_at_lock_time_names_the_path_and_leaves_nothing(tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+def engine_under_file_limit(max_bytes: int, args: list) -> subprocess.CompletedProcess:
+    """engine.py ARGS in a fresh process whose files may grow to max_bytes (ulimit -f)."""
+    script = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_bytes}, resource.RLIM_INFINITY));"
+              f"sys.argv = ['engine.py', *{[str(arg) for arg in args]!r}]; sys.path.insert(0, {str(ROOT)!r}); "
+              f"import engine; sys.exit(engine.main())")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
 def test_case4_a_file_size_limit_is_refused_before_an_export(trained, tmp_path):
     data, out = trained
-    script = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (10_000 * 1024, resource.RLIM_INFINITY));"
-              f"sys.argv = ['engine.py', 'export', '--format', 'pt2', '--model', '{out / 'model.pt'}', '--out', "
-              f"'{tmp_path / 'm.pt2'}']; sys.path.insert(0, '{ROOT}'); import engine; sys.exit(engine.main())")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = engine_under_file_limit(10_000 * 1024, ["export", "--format", "pt2", "--model", out / "model.pt",
+                                                      "--out", tmp_path / "m.pt2"])
     assert "File too large" in error_line(result) and "ulimit -f" in error_line(result)
     assert not (tmp_path / "m.pt2").exists()
 
@@ -279,9 +285,6 @@ def test_case9_cache_in_float16_and_appended_bytes(tmp_path, trained):
 
 def test_case10_a_worker_that_cannot_hand_over_its_batch_is_one_error_line_not_a_hang(trained, tmp_path):
     data, out = trained
-    script = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY));"
-              f"sys.argv = ['engine.py', 'predict', '{data}', '--model', '{out / 'model.pt'}', '--workers', '2'];"
-              f"sys.path.insert(0, '{ROOT}'); import engine; sys.exit(engine.main())")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = engine_under_file_limit(1024, ["predict", data, "--model", out / "model.pt", "--workers", "2"])
     line = error_line(result)
     assert "shared memory" in line and "--workers 0" in line
