@@ -128,7 +128,7 @@ def compute_features(model: Classifier, index: pd.DataFrame, classes: list[str],
                             load_image=load_image, pin_memory=device.type == "cuda")
     bf16 = config.precision == "auto" and fast_bf16(device)
     features, _, read, failed = forward_batches(model.features, batches, device, bf16, "features")
-    index = index.assign(skipped=index.path.map(failed).fillna(index.skipped))  # why each failed file is skipped
+    index = index.assign(skipped=index.skipped.mask(index.path.isin(list(failed)), index.path.map(failed)))
     rows = rows.iloc[read]
     check_enough_left(rows, classes)
     log.info("data: %d train + %d test images of %d classes (%s), %d skipped; device %s%s",
