@@ -53,11 +53,12 @@ def index_folder(folder: Path) -> pd.DataFrame:
 def find_presplit(data_dir: Path) -> tuple[Path, Path] | None:
     """The (train, test) folders of a pre-split layout (the original's Training_data/ + Testing_Data/), or
     None for a folder of classes."""
-    folders = {path.name.lower(): path for path in sorted(Path(data_dir).iterdir()) if path.is_dir()}
-    names = [path.name.lower() for path in Path(data_dir).iterdir() if path.is_dir()]
-    clashes = sorted({name for pair in PRESPLIT_PAIRS for name in pair if names.count(name) > 1})
-    if clashes:  # Train/ and train/ side by side: which one is meant cannot be told
-        raise UserError(f"{data_dir} holds two folders named {clashes[0]} but for case: merge or rename them")
+    folders = {}
+    for path in sorted(path for path in Path(data_dir).iterdir() if path.is_dir()):
+        name = path.name.lower()
+        if name in folders and any(name in pair for pair in PRESPLIT_PAIRS):  # Train/ and train/: which one?
+            raise UserError(f"{data_dir} holds two folders named {name} but for case: merge or rename them")
+        folders[name] = path
     pair = next(((folders[train], folders[test]) for train, test in PRESPLIT_PAIRS
                  if train in folders and test in folders), None)
     if pair:

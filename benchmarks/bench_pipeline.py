@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MLPipeline.extras.Files import list_images  # noqa: E402
+from MLPipeline.extras.Files import list_images, read_image  # noqa: E402
 from MLPipeline.extras.Data import load_images
-from MLPipeline.extras.Files import read_image
 from MLPipeline.CreateDataset import resize
 from MLPipeline.extras.SyntheticData import make_demo_data  # noqa: E402
 from MLPipeline.extras.Common import pick_device  # noqa: E402

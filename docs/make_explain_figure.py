@@ -18,8 +18,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MLPipeline.extras.Common import UserError  # noqa: E402
 from MLPipeline.CreateDataset import BadImageError  # noqa: E402
-from MLPipeline.extras.Files import list_images
-from MLPipeline.extras.Files import read_image
+from MLPipeline.extras.Files import list_images, read_image
 from MLPipeline.extras.Explain import explain, overlay, title_of, torch_network  # noqa: E402
 from MLPipeline.extras.Predict import load_model  # noqa: E402
 from MLPipeline.extras.Report import save_figure  # noqa: E402

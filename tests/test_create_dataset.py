@@ -19,10 +19,8 @@ from MLPipeline import CreateDataset
 from MLPipeline.extras import Files
 from MLPipeline.extras.Common import UserError
 from MLPipeline.extras.Data import build_index, load_images
-from MLPipeline.extras.Files import load_image
+from MLPipeline.extras.Files import BadImageError, index_folder, load_image, read_image
 from MLPipeline.CreateDataset import stratified_split, to_model_input
-from MLPipeline.extras.Files import index_folder
-from MLPipeline.extras.Files import BadImageError, read_image
 
 RED_RGB = (220, 30, 20)
 

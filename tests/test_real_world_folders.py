@@ -24,8 +24,7 @@ from PIL import Image
 
 from MLPipeline.extras.Common import UserError
 from MLPipeline.extras.Data import build_index, load_images
-from MLPipeline.extras.Files import IMAGE_EXTENSIONS, held_out_copies, index_folder
-from MLPipeline.extras.Files import read_image, register_heif
+from MLPipeline.extras.Files import held_out_copies, IMAGE_EXTENSIONS, index_folder, read_image, register_heif
 from MLPipeline.extras.OutputFolder import LOCK_NAME, output_lock
 from tests.conftest import ENGINE, FAST, ROOT, make_image_folder
 from tests.test_bad_input import assert_user_error, constant_png, encode, sample_rgb

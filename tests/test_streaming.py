@@ -14,9 +14,8 @@ from MLPipeline.extras import FeatureCache, Files
 from MLPipeline.extras.Run import RunConfig as TrainConfig
 from MLPipeline.extras.Run import train
 from MLPipeline.CreateDataset import image_batches, to_model_input
-from MLPipeline.extras.Files import list_images
+from MLPipeline.extras.Files import list_images, load_image
 from MLPipeline.extras.Data import load_images
-from MLPipeline.extras.Files import load_image
 from MLPipeline.extras.Weights import build_model
 from MLPipeline.ResNet_Model import forward_batches
 

@@ -13,8 +13,7 @@ import pandas as pd
 
 from MLPipeline.CreateDataset import BadImageError, UserError, image_batches, log, stratified_split
 from MLPipeline.CreateDataset import build_index as recipe_index
-from MLPipeline.extras.Files import index_folder, mark_duplicates
-from MLPipeline.extras.Files import load_image, loader
+from MLPipeline.extras.Files import index_folder, load_image, loader, mark_duplicates
 
 __all__ = ["build_index", "load_image", "load_images", "usable", "mark_skipped", "skip_reasons",
            "unreadable", "image_batches", "stratified_split", "BadImageError"]

@@ -70,8 +70,9 @@ class RunConfig(TrainConfig):
     def is_the_recipe(self) -> bool:
         """Whether the run is the recipe's own: every option of the tool at its default, and one process (a
         torchrun job, WORLD_SIZE > 1, shards its work in Pipeline)."""
-        return int(os.environ.get("WORLD_SIZE", 1)) == 1 and all(getattr(self, option.name) == option.default for option in fields(self)
-                   if option.name in TOOL_OPTIONS and option.name != "max_pixels")  # the tool's reader takes it
+        return int(os.environ.get("WORLD_SIZE", 1)) == 1 and all(
+            getattr(self, option.name) == option.default for option in fields(self)
+            if option.name in TOOL_OPTIONS and option.name != "max_pixels")  # the tool's reader takes it
 
     def recorded(self) -> dict:
         """The options that shaped the weights, as stored in the checkpoint."""
