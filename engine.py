@@ -7,21 +7,27 @@
 """
 from __future__ import annotations
 
-import argparse
-import io
-import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # a Ctrl-C while the libraries load (seconds): nothing is written yet, stop at once
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda number, frame: (os.write(2, b"interrupted: nothing was written\n"),
+                                                     os._exit(128 + number)))
 
-from MLPipeline.Train import train  # the recipe
-from MLPipeline.extras import Run  # noqa: I001 (the machinery around it)
+import argparse  # noqa: E402 (after the handler above)
+import io  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from MLPipeline.Train import train  # noqa: E402 (the recipe)
+from MLPipeline.extras import Run  # noqa: E402, I001 (the machinery around it)
 from MLPipeline.extras.Files import MAX_PIXELS
 from MLPipeline.extras.OutputFolder import printable, worker_handover_failed
-from MLPipeline.extras.Common import STOP_REQUESTED, Terminated, request_stop
+from MLPipeline.extras.Common import STOP_REQUESTED, Terminated, request_stop, stop_if_asked
 from MLPipeline.extras.Run import RunConfig, UserError, check_option
 from MLPipeline.extras.Weights import BACKBONES
 
@@ -333,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     STOP_REQUESTED.clear()
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    # A Ctrl-C is recorded by the handler, and raised at the next module call (each batch) in the loop's own code.
+    stops = torch.nn.modules.module.register_module_forward_pre_hook(stop_if_asked)
     try:
         if args.command_name == "train":
             config = train_config(args)
@@ -343,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:  # an option, or torchrun: the recipe's pieces with the machinery they need
                     from MLPipeline.extras.Pipeline import train_with_options
                     train_with_options(config)
-            return 0
-        return args.command(args)
+        status = 0 if args.command_name == "train" else args.command(args)
+        stop_if_asked()  # a Ctrl-C after the last batch: the outputs are all written, and the exit still says so
+        return status
     except UserError as error:
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
@@ -370,9 +379,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     finally:
+        stops.remove()
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    for number in (signal.SIGINT, signal.SIGTERM):  # the run is over: a late Ctrl-C cannot cut its exit short
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(status)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -46,6 +49,31 @@ def train_tiny_model(folder: Path) -> tuple[Path, Path]:
     train(TrainConfig(data_dir=data, output_dir=folder / "out", img_size=32, weights="none", epochs=1,
                       backbone="resnet18", workers=0))
     return data, folder / "out"
+
+
+def interrupted(command: list, ready, signals: int = 1) -> tuple[int, str]:
+    """Run `python COMMAND`, send SIGINT `signals` times (0.2 s apart) once a stderr line passes ready(line);
+    its exit status and its whole stderr."""
+    process = subprocess.Popen([sys.executable, *map(str, command)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if ready(line):
+                break
+        for _ in range(signals):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        seen.append(process.communicate(timeout=120)[1])
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, "".join(seen)
 
 
 def run_engine(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -13,11 +13,9 @@ import io
 import json
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ENGINE, FAST, ROOT, make_image_folder, run_engine
+from tests.conftest import ENGINE, FAST, interrupted, make_image_folder, run_engine
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -582,31 +580,11 @@ def test_ctrl_c_during_training_keeps_the_previous_model(messy, tmp_path):
     output = tmp_path / "output"
     shutil.copytree(messy.out, output)
     before = snapshot(output)
-    command = [sys.executable, str(ENGINE), "train", "--data-dir", str(data), "--output-dir", str(output), *FAST,
-               "--epochs", "1000", "--no-feature-cache"]
-    # SIGINT at its default in the child, whatever this process inherited: a shell that starts a job in the
-    # background (nohup ... &) ignores SIGINT, and Python then never raises KeyboardInterrupt.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # the log is on stderr
-    watchdog = threading.Timer(180, process.kill)
-    watchdog.start()
-    try:
-        seen = []
-        for line in process.stdout:
-            seen.append(line)
-            if re.match(r"epoch \d+/", line):
-                break
-        else:
-            pytest.fail("no epoch line before the run ended:\n" + "".join(seen))
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = "", process.communicate(timeout=120)[0]
-    finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    command = [ENGINE, "train", "--data-dir", data, "--output-dir", output, *FAST, "--epochs", "1000",
+               "--no-feature-cache"]
+    status, stderr = interrupted(command, lambda line: re.match(r"epoch \d+/", line) is not None)
     assert "Traceback" not in stderr, stderr
-    assert process.returncode == 130, f"exit {process.returncode}\n{''.join(seen)}{stdout}\n{stderr}"
+    assert status == 130, f"exit {status}\n{stderr}"
     assert snapshot(output) == before
     assert not [path.name for path in output.iterdir() if path.name.startswith(".")]
     from MLPipeline import load_model

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ENGINE, ROOT, make_image_folder, train_tiny_model
+from conftest import ENGINE, ROOT, interrupted, make_image_folder, train_tiny_model
 from MLPipeline.CreateDataset import UserError
 
 
@@ -248,6 +248,30 @@ def test_case9_train_and_Train_side_by_side_are_refused(tmp_path):
         pytest.skip("a case-insensitive file system")
     with pytest.raises(UserError, match="but for case"):
         find_presplit(tmp_path)
+
+
+def test_case9_ctrl_c_while_the_libraries_load_is_exit_130_not_a_traceback():
+    # -X importtime names each module as it is loaded: torch's come after engine.py installs its first handler
+    status, stderr = interrupted(["-X", "importtime", ENGINE, "--help"], lambda line: "| torch" in line)
+    assert status == 130, stderr[-3000:]
+    assert "interrupted: nothing was written" in stderr and "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_case9_two_ctrl_c_while_workers_decode_stop_cleanly(tmp_path, trained):
+    """The handler only records the stop and the loop raises it: two Ctrl-C during an epoch that decodes images
+    in two worker processes end the run with exit 130, one line, no traceback from a worker, a __del__ or a
+    logging call, and the previous model untouched."""
+    output = tmp_path / "out"
+    shutil.copytree(trained[1], output)
+    before = (output / "model.pt").read_bytes()
+    command = [ENGINE, "--data-dir", trained[0], "--output-dir", output, "--img-size", "32", "--weights", "none",
+               "--backbone", "resnet18", "--augment", "--epochs", "1000", "--workers", "2"]
+    status, stderr = interrupted(command, lambda line: line.startswith("epoch 1/"), signals=2)
+    assert status == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert stderr.count("stopping at the next batch") == 1 and "interrupted:" in stderr
+    assert (output / "model.pt").read_bytes() == before
+    assert not [path.name for path in output.iterdir() if path.name.startswith(".")]
 
 
 def test_case9_a_newline_in_a_path_cannot_forge_a_line(tmp_path, cli):

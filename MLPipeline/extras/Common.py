@@ -21,7 +21,7 @@ from MLPipeline.ResNet_Model import atomic_write as replace_whole
 from MLPipeline.Train import pick_device
 
 __all__ = ["UserError", "log", "pick_device", "atomic_write", "safe_torch_load", "first_line",
-           "progress_reporter", "request_stop", "STOP_REQUESTED", "Terminated", "check_archive"]
+           "progress_reporter", "request_stop", "stop_if_asked", "STOP_REQUESTED", "Terminated", "check_archive"]
 
 # The most a checkpoint or weights file may hold: the largest this project writes or reads (VGG16's weights)
 # is under 600 MB, so a file or archive beyond it is damaged or hostile, never one to expand.
@@ -86,16 +86,25 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's or `kill`'s stop): handled like Ctrl-C, so the run ends the same clean way."""
 
 
-# The stop a signal asked for (KeyboardInterrupt or Terminated), or None. A KeyboardInterrupt raised while
-# the DataLoader forks a worker lands in an at-fork hook, which swallows it; every progress update raises it
-# again, so a Ctrl-C always stops the run at the next batch.
+# The stop a signal asked for (KeyboardInterrupt or Terminated), or nothing. The handler only records it; the
+# run's loops read it (stop_if_asked) and raise in their own code, never inside a logging call, a worker's fork
+# or a __del__, where a raise from the handler would print tracebacks (a second Ctrl-C among them).
 STOP_REQUESTED: list = []
 
 
 def request_stop(signal_number: int, frame) -> None:
-    """The handler of SIGINT and SIGTERM (engine.py installs it): remember the stop, and stop now."""
+    """The handler of SIGINT and SIGTERM (engine.py installs it): record the stop; the run stops at its next
+    batch. It writes one line itself, the first time only: the logging module is not safe in a handler."""
+    if not STOP_REQUESTED:
+        os.write(2, b"stopping at the next batch...\n")
     STOP_REQUESTED[:] = [Terminated if signal_number == signal.SIGTERM else KeyboardInterrupt]
-    raise STOP_REQUESTED[0]()
+
+
+def stop_if_asked(*_) -> None:
+    """Raise the stop a signal asked for, if any: every long loop calls it (a progress update, a module's
+    forward while engine.py trains); its arguments, a forward hook's, are ignored."""
+    if STOP_REQUESTED:
+        raise STOP_REQUESTED[0]()
 
 
 @contextlib.contextmanager
@@ -127,8 +136,7 @@ def progress_reporter(label: str, total: int) -> Callable[[int], None]:
 
     def update(done: int) -> None:
         nonlocal last
-        if STOP_REQUESTED:
-            raise STOP_REQUESTED[0]()
+        stop_if_asked()
         now = time.perf_counter()
         if now - last >= PROGRESS_SECONDS and 0 < done < total:
             rate = done / (now - start)

@@ -13,6 +13,7 @@ import functools
 import multiprocessing
 import os
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from MLPipeline.extras.Common import UserError
+from MLPipeline.extras.Common import UserError, stop_if_asked
 from MLPipeline.extras.Files import list_images
 from MLPipeline.extras.OutputFolder import check_write_target, own_folder, shown
 
@@ -723,6 +724,13 @@ def write_sample(job: tuple[Path, int, int, int]) -> None:
     path.write_bytes(render_sample(seed, class_index, image_index))
 
 
+def quiet_worker() -> None:
+    """A pool worker's start: one OpenCV thread (the processes already keep every core busy), and a Ctrl-C left
+    to the main process, which stops the pool (a worker of its own would print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+
+
 def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, force: bool = False,
                    *, workers: int | None = None) -> dict[str, int]:
     """Write per_class JPEGs into out_dir/<class>/ for each class; return counts per class.
@@ -753,14 +761,15 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
     if workers == 1:
         for job in jobs:
             write_sample(job)
+            stop_if_asked()
     else:
-        # One OpenCV thread per worker: the processes already keep every core busy. Workers come from a
-        # fork server, not a fork of this process: a child forked after OpenCV's or torch's thread pools
+        # Workers come from a fork server, not a fork of this process: a child forked after OpenCV's or torch's thread pools
         # have run can deadlock on a lock a vanished thread held (seen with cv2.setNumThreads).
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
-        with context.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-            pool.map(write_sample, jobs, chunksize=8)
+        with context.Pool(workers, initializer=quiet_worker) as pool:
+            for _ in pool.imap_unordered(write_sample, jobs, chunksize=8):
+                stop_if_asked()
     for class_name in CLASS_NAMES:  # before anything moves: a user's own file of a demo name is never replaced
         for written in (partial / class_name).iterdir() if (out_dir / class_name).is_dir() else ():
             there = out_dir / class_name / written.name
