@@ -25,6 +25,13 @@ ENGINE = ROOT / "engine.py"
 FAST = ["--img-size", "32", "--weights", "none", "--epochs", "1"]  # train flags for a run of seconds
 COLOURS = [(220, 40, 40), (40, 40, 220), (40, 200, 40), (200, 200, 40)]
 
+# pytest-xdist runs one worker per core (pytest.ini: -n 2): each worker, and every engine.py it starts, gets
+# its share of the cores, so that one process's OpenMP threads never wait spinning on a core another holds.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def make_image_folder(root: Path, classes: tuple[str, ...] = ("alpha", "beta", "gamma"), per_class: int = 8,
                       seed: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
