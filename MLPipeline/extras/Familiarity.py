@@ -26,14 +26,16 @@ from MLPipeline.CreateDataset import UserError, log
 SHARE = 0.05  # of familiar held-out images flagged unfamiliar: what the threshold means
 SHRINK = 0.5  # how far the shared covariance is pulled towards its mean variance (measured: 0.35 to 0.9 alike)
 FOLDS = 5  # without a validation split, the threshold comes from each fold's distances under the other folds'
+CHUNK = 4096  # training features normalised in float64 at a time
 METHOD = "mahalanobis-l2/1"  # the stored fields below, and how the score is computed from them
 UNFAMILIAR, LOW_CONFIDENCE = "unfamiliar", "low confidence"
 
 
 def save_outputs(output_dir: Path, metrics: dict, checkpoint: dict, data: dict) -> None:
     """The recipe's save, with the score fitted on its training features stored in model.pt (the default run)."""
-    features, labels = split_tensors(data["train"])
-    checkpoint["unfamiliar_score"] = fit(features, labels, len(checkpoint["classes"]))
+    features, targets = data["train"].dataset.tensors  # all the features; the training split's rows of them
+    rows = torch.as_tensor(data["train"].indices, dtype=torch.long)
+    checkpoint["unfamiliar_score"] = fit(features, targets[rows].argmax(1), len(checkpoint["classes"]), rows=rows)
     metrics["unfamiliar_score"] = summary(checkpoint["unfamiliar_score"])
     Train.save_outputs(output_dir, metrics, checkpoint)
 
@@ -50,12 +52,14 @@ def split_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out: tuple | None = None,
-        share: float = SHARE, folds: int = FOLDS) -> dict | None:
+        share: float = SHARE, folds: int = FOLDS, rows: torch.Tensor | None = None) -> dict | None:
     """What model.pt keeps: the Gaussians of the training features, and the threshold that `share` of the
     held-out (features, labels) exceed; without held-out images, the distances of each of `folds` folds of the
-    training images under Gaussians fitted on the other folds. None, with a warning, when nothing can set it."""
-    x = F.normalize(features.double(), dim=1)  # float64: the fold moments are differences of sums
-    totals = moments(x, labels, num_classes)
+    training images under Gaussians fitted on the other folds. None, with a warning, when nothing can set it.
+    rows: the rows of `features` that are the training images, `labels` theirs in order (default: every row);
+    they are read a chunk at a time, never copied whole."""
+    rows = torch.arange(len(features)) if rows is None else rows
+    totals = moments(features, rows, labels, num_classes)
     score = stored(*gaussians(*totals))
     if held_out is not None and len(held_out[0]):
         reference, source = own_distances(score, *held_out), "validation split"
@@ -64,8 +68,8 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
         fold[order[labels[order].argsort(stable=True)]] = torch.arange(len(labels)) % folds  # stratified
         reference = torch.cat([fold_distances(*gaussians(*(total - part for total, part in zip(
-            totals, moments(x[fold == k], labels[fold == k], num_classes)))), x[fold == k], labels[fold == k])
-                               for k in range(folds)])
+            totals, moments(features, rows[fold == k], labels[fold == k], num_classes)))),
+            normalised(features[rows[fold == k]]), labels[fold == k]) for k in range(folds)])
         source = f"{folds}-fold out-of-fold training images"
     reference = reference[reference.isfinite()]  # a class missing from a fold has no Gaussian there
     if not len(reference):
@@ -76,10 +80,22 @@ def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out
             "threshold_from": source, "held_out_images": len(reference), "method": METHOD}
 
 
-def moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
-    """What the Gaussians are made of: the sum of x x^T, and each class's sum of x and count."""
-    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
-    return x.T @ x, sums, torch.bincount(labels, minlength=num_classes).to(x.dtype)
+def normalised(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised, in float64: the fold moments are differences of sums."""
+    return F.normalize(features.double(), dim=1)
+
+
+def moments(features: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+            num_classes: int) -> tuple[torch.Tensor, ...]:
+    """What the Gaussians are made of: the sum of x x^T, and each class's sum of x and count, over the given
+    rows of `features` (normalised), summed CHUNK rows at a time: memory stays flat as the images grow."""
+    gram = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
+    for start in range(0, len(rows), CHUNK):
+        x = normalised(features[rows[start:start + CHUNK]])
+        gram += x.T @ x
+        sums.index_add_(0, labels[start:start + CHUNK], x)
+    return gram, sums, torch.bincount(labels, minlength=num_classes).double()
 
 
 def gaussians(gram: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
