@@ -61,8 +61,10 @@ def train_tiny_model(folder: Path) -> tuple[Path, Path]:
 def interrupted(command: list, ready, signals: int = 1) -> tuple[int, str]:
     """Run `python COMMAND`, send SIGINT `signals` times (0.2 s apart) once a stderr line passes ready(line);
     its exit status and its whole stderr."""
+    # SIGINT at its default in the child, whatever this process inherited (a shell's background job ignores it)
     process = subprocess.Popen([sys.executable, *map(str, command)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                               stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               stdout=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(240, process.kill)
     watchdog.start()
     try:

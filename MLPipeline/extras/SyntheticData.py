@@ -763,8 +763,9 @@ def make_demo_data(out_dir: str | Path, per_class: int = 250, seed: int = 0, for
             write_sample(job)
             stop_if_asked()
     else:
-        # Workers come from a fork server, not a fork of this process: a child forked after OpenCV's or torch's thread pools
-        # have run can deadlock on a lock a vanished thread held (seen with cv2.setNumThreads).
+        # Workers come from a fork server, not a fork of this process: a child forked after OpenCV's or
+        # torch's thread pools have run can deadlock on a lock a vanished thread held (seen with
+        # cv2.setNumThreads).
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
         with context.Pool(workers, initializer=quiet_worker) as pool:
