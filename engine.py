@@ -11,10 +11,16 @@ import os
 import signal
 import sys
 
-if __name__ == "__main__":  # a Ctrl-C while the libraries load (seconds): nothing is written yet, stop at once
+
+def stop_while_loading(number: int, frame) -> None:
+    """A Ctrl-C (or SIGTERM) while the libraries load, the first seconds: nothing is written yet, so stop at once."""
+    os.write(2, b"interrupted: nothing was written\n")
+    os._exit(128 + number)
+
+
+if __name__ == "__main__":  # main() installs the handler of the run itself
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda number, frame: (os.write(2, b"interrupted: nothing was written\n"),
-                                                     os._exit(128 + number)))
+        signal.signal(number, stop_while_loading)
 
 import argparse  # noqa: E402 (after the handler above)
 import io  # noqa: E402
@@ -351,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:  # an option, or torchrun: the recipe's pieces with the machinery they need
                     from MLPipeline.extras.Pipeline import train_with_options
                     train_with_options(config)
-        status = 0 if args.command_name == "train" else args.command(args)
+            status = 0
+        else:
+            status = args.command(args)
         stop_if_asked()  # a Ctrl-C after the last batch: the outputs are all written, and the exit still says so
         return status
     except UserError as error:

@@ -157,6 +157,10 @@ class OnnxModel:
         images = inputs.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0])
 
+    def predictor(self):
+        """What predict runs on batches of inputs (as TrainedModel's): the graph, which gives logits only."""
+        return self.network
+
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> torch.Tensor:
         """Logits of decoded img_size x img_size uint8 RGB images, batch_size (default 64) at a time."""
         batch_size, outputs = batch_size or 64, [np.zeros((0, len(self.classes)), np.float32)]
@@ -165,6 +169,8 @@ class OnnxModel:
             outputs += self.session.run([OUTPUT_NAME], {INPUT_NAME: images[start:start + batch_size]})
             update(start + batch_size)
         return torch.from_numpy(np.concatenate(outputs))
+
+    outputs = logits  # what predict reads (TrainedModel's also holds the features): here the logits alone
 
 
 FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16

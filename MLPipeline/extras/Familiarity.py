@@ -33,9 +33,7 @@ UNFAMILIAR, LOW_CONFIDENCE = "unfamiliar", "low confidence"
 
 def save_outputs(output_dir: Path, metrics: dict, checkpoint: dict, data: dict) -> None:
     """The recipe's save, with the score fitted on its training features stored in model.pt (the default run)."""
-    features, targets = data["train"].dataset.tensors  # all the features; the training split's rows of them
-    rows = torch.as_tensor(data["train"].indices, dtype=torch.long)
-    checkpoint["unfamiliar_score"] = fit(features, targets[rows].argmax(1), len(checkpoint["classes"]), rows=rows)
+    checkpoint["unfamiliar_score"] = fit_on_splits(data, len(checkpoint["classes"]))
     metrics["unfamiliar_score"] = summary(checkpoint["unfamiliar_score"])
     Train.save_outputs(output_dir, metrics, checkpoint)
 
@@ -45,10 +43,16 @@ def summary(score: dict | None) -> dict | None:
     return score and {key: value for key, value in score.items() if not isinstance(value, torch.Tensor)}
 
 
-def split_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features and class indices of a Subset of the recipe's TensorDataset(features, one-hot targets)."""
-    features, targets = split.dataset.tensors
-    return features[split.indices], targets[split.indices].argmax(1)
+def fit_on_splits(data: dict, num_classes: int, share: float = SHARE, folds: int = FOLDS) -> dict | None:
+    """fit() on the recipe's datasets (each split a Subset of one TensorDataset(features, one-hot targets)): the
+    training rows read where they are, the threshold from the "val" split when there is one."""
+    features, targets = data["train"].dataset.tensors
+    rows = torch.as_tensor(data["train"].indices, dtype=torch.long)
+    held_out = None
+    if "val" in data:
+        val_features, val_targets = data["val"].dataset.tensors
+        held_out = (val_features[data["val"].indices], val_targets[data["val"].indices].argmax(1))
+    return fit(features, targets[rows].argmax(1), num_classes, held_out, share, folds, rows=rows)
 
 
 def fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, held_out: tuple | None = None,

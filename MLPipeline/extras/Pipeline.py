@@ -139,17 +139,17 @@ def familiarity_score(model: Classifier, data: dict, num_classes: int, config: R
                       device: torch.device) -> dict | None:
     """The unfamiliar-input score fitted on the training features, its threshold set on the validation split's
     when there is one (else out of --folds folds). A run on images computes them first, with the trained model."""
+    share, folds = config.unfamiliar_share, config.folds or Familiarity.FOLDS
     if config.on_features():
-        features = {name: Familiarity.split_tensors(split) for name, split in data.items()}
-    else:  # one more pass over the training (and validation) images, without augmentation
-        bf16 = config.precision == "auto" and fast_bf16(device)
-        batch_size = config.inference_batch_size or inference_batch_size(device, config.img_size)
-        features = {name: forward_batches(model.eval().features, DataLoader(
-            data[name], batch_size, num_workers=config.workers, collate_fn=decoded_batch), device, bf16, "features")[:2]
-            for name in ("train", "val") if name in data}
-        features = {name: (values, targets.argmax(1)) for name, (values, targets) in features.items()}
-    return Familiarity.fit(*features["train"], num_classes, features.get("val"), config.unfamiliar_share,
-                           config.folds or Familiarity.FOLDS)
+        return Familiarity.fit_on_splits(data, num_classes, share, folds)
+    # a run on images: one more pass over the training (and validation) images, without augmentation
+    bf16 = config.precision == "auto" and fast_bf16(device)
+    batch_size = config.inference_batch_size or inference_batch_size(device, config.img_size)
+    features = {name: forward_batches(model.eval().features, DataLoader(
+        data[name], batch_size, num_workers=config.workers, collate_fn=decoded_batch), device, bf16, "features")[:2]
+        for name in ("train", "val") if name in data}
+    features = {name: (values, targets.argmax(1)) for name, (values, targets) in features.items()}
+    return Familiarity.fit(*features["train"], num_classes, features.get("val"), share, folds)
 
 
 def mean_over_processes(loss: float, count: int) -> float:

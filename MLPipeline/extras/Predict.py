@@ -96,9 +96,8 @@ def file_outputs(model: TrainedModel | OnnxModel, paths: list[str], batch_size: 
     batch by batch, so a folder of any size keeps memory flat."""
     batches = image_batches(paths, model.img_size, batch_size or inference_batch_size(model.device, model.img_size),
                             workers, load_image=loader(max_pixels), pin_memory=model.device.type == "cuda")
-    network = model.predictor() if isinstance(model, TrainedModel) else model.network
-    outputs, _, positions, failed = forward_batches(network, batches, model.device, getattr(model, "bf16", False),
-                                                    "predict")
+    outputs, _, positions, failed = forward_batches(model.predictor(), batches, model.device,
+                                                    getattr(model, "bf16", False), "predict")
     return outputs, positions, failed
 
 
@@ -135,8 +134,7 @@ def predict(model: TrainedModel | OnnxModel, inputs: list | str | Path, batch_si
     good_arrays = [position for position in arrays if not errors[position]]
     if good_arrays:
         resized = np.stack([resize(items[position], model.img_size) for position in good_arrays])
-        from_arrays = model.outputs(resized, batch_size) if isinstance(model, TrainedModel) else model.logits(
-            resized, batch_size)
+        from_arrays = model.outputs(resized, batch_size)
         outputs = torch.cat([outputs, from_arrays]) if positions else from_arrays
     done = [files[position] for position in positions] + good_arrays  # the rows of `outputs`, in order
     probabilities = np.full((len(items), len(model.classes)), np.nan, np.float32)
@@ -184,7 +182,8 @@ def results_table(items: list, probabilities: np.ndarray, errors: list[str], cla
     return results
 
 
-EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration|risk_coverage)\.png"  # what evaluate draws in its folder
+# what evaluate draws in its folder
+EVALUATION_IMAGES = r"(confusion_matrix|misclassified|calibration|risk_coverage)\.png"
 TRAINING_OUTPUTS = r".*\.pt|history\.csv|loss_curve\.png"  # a training run's folder: never evaluate's to overwrite
 
 
