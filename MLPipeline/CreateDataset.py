@@ -3,7 +3,8 @@
 One image from disk to the network:
     load_image: the file's bytes -> 8-bit RGB (OpenCV) -> img_size x img_size (INTER_AREA)
     -> to_model_input: 3 x S x S float32 in [0, 1] (the model normalises it with its backbone's mean/std).
-A file that does not decode is skipped and named; it never stops a run.
+A file that does not decode is skipped and named, and the run goes on (it stops only when too few images
+are left to train and test on).
 """
 from __future__ import annotations
 
@@ -206,9 +207,12 @@ class CreateDataset:
             raise UserError(f"create_dataset resizes to squares, so width and height must be equal, not "
                             f"{width} and {height}: the trained model predicts on {width}x{width} images")
         index = index_folder(folder)
-        classes = sorted(index.label.unique())
+        usable = index.skipped == ""  # a file of another type is named; a folder of nothing else is no class
+        for path, why in zip(index.path[~usable], index.skipped[~usable]):
+            log.warning("warning: skipped %s: %s", path, why)
+        classes = sorted(index.label[usable].unique())
         images, labels = [], []
-        for path, label in zip(index.path, index.label):
+        for path, label in zip(index.path[usable], index.label[usable]):
             try:
                 images.append(load_image(path, width))
                 labels.append(classes.index(label))

@@ -53,8 +53,8 @@ class Classifier(nn.Module):
             return self.head(features)
 
     def train(self, mode: bool = True) -> "Classifier":
-        # BatchNorm keeps its pretrained statistics: with batches of 8 the batch statistics are noise,
-        # and a frozen backbone must compute the same features in every epoch.
+        # BatchNorm keeps its pretrained statistics: with batches of 8 the batch statistics are noise. A frozen
+        # backbone stays in eval mode whole (Dropout too): it must compute the same features in every epoch.
         super().train(mode)
         for module in self.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) or self.frozen:
@@ -107,8 +107,8 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether the hardware computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16
     or AMX. There it is about twice as fast as fp32 with features within 0.5% (docs/speed.md); elsewhere
     bfloat16 is emulated, and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not counting emulation: a T4 or V100 "supports" bf16 only by emulating it
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, check, lambda: False)() for check in
                ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))  # private, so asked with care
 
@@ -205,6 +205,7 @@ class ResNET_Model:
                       load_backbone=torchvision_backbone) -> Classifier:
         """ResNet50 with ImageNet weights, frozen, with a new linear head for num_classes; `.provenance` says
         where its weights came from (TrainRestNet writes it into the checkpoint). load_backbone: as in
-        build_model (MLPipeline.extras.Weights.load_backbone falls back to a pip backbone offline)."""
+        build_model (MLPipeline.extras.Weights.load_backbone falls back to a pip backbone offline, and then
+        the model is that backbone's, EfficientNet-Lite0, as `.provenance["arch"]` says)."""
         model, model.provenance = build_model(num_classes, "resnet50", weights, load_backbone)
         return model

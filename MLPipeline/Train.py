@@ -50,7 +50,8 @@ class TrainConfig:
 
 @dataclass
 class TrainingRun:
-    """What train() hands back: the trained model, its classes, metrics, index, and the test logits."""
+    """What train() hands back: the trained model, its classes, metrics, index, and the test images' paths and
+    logits, in the same order."""
     model: Classifier
     classes: list[str]
     metrics: dict
@@ -150,7 +151,7 @@ def check_enough_left(used: pd.DataFrame, classes: list[str], held_out: tuple[st
         if not (used.split == split).any():
             raise UserError(f"the {split} split has no usable images: add images or check the folder layout")
     for label in sorted(set(classes) - set(used.label[used.split == "test"])):
-        log.warning("warning: class '%s' has no test images; its precision and recall will read 0", label)
+        log.warning("warning: class '%s' has no test images; its test precision and recall will read 0", label)
 
 
 def score(network, batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 from MLPipeline.extras.Common import UserError, atomic_write
 from MLPipeline.extras.Checkpoint import REQUIRED, load_checkpoint
 from MLPipeline.extras.Weights import build_model
-from MLPipeline.ResNet_Model import checkpoint_dict, save_checkpoint
+from MLPipeline.ResNet_Model import checkpoint_dict, fast_bf16, save_checkpoint
 from MLPipeline.extras.Weights import resolve_weights
 
 IMAGENET = torchvision.models.get_model_weights("resnet50").DEFAULT
@@ -143,6 +143,13 @@ def test_forward_gives_logits_per_image(model3):
     assert logits.shape == (4, 3) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     assert not torch.allclose(logits[0], logits[1])  # depends on the image
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_gpu_only_where_it_is_native_not_emulated(monkeypatch, native):
+    # A T4 or V100 answers is_bf16_supported() True by emulating bf16, which is slower than fp32 there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert fast_bf16(torch.device("cuda")) is native
 
 
 def test_unknown_backbone():

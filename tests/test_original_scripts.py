@@ -143,6 +143,17 @@ def test_create_dataset_skips_a_corrupt_file_with_a_warning(tiny_data, tmp_path,
     assert "skipped" in caplog.text and "broken.jpg" in caplog.text
 
 
+def test_create_dataset_names_other_files_and_makes_no_class_of_a_folder_without_images(tiny_data, tmp_path, caplog):
+    folder = shutil.copytree(tiny_data, tmp_path / "data")
+    (folder / "alpha" / "notes.txt").write_text("a note, not an image")
+    (folder / "zeta").mkdir()
+    (folder / "zeta" / "readme.txt").write_text("only text here")
+    with caplog.at_level(logging.WARNING, logger="MLPipeline"):
+        images, labels = CreateDataset().create_dataset(folder, 32, 32)
+    assert labels.shape == (24, 3) and CreateDataset.last_classes() == CLASSES  # no column for zeta
+    assert "notes.txt: unsupported file type .txt" in caplog.text and "readme.txt" in caplog.text
+
+
 def test_create_dataset_refuses_width_unlike_height(tiny_data):
     with pytest.raises(UserError, match="width and height must be equal"):
         CreateDataset().create_dataset(tiny_data, 64, 32)
