@@ -197,6 +197,13 @@ def test_auto_without_weights_warns_and_falls_back(monkeypatch, offline, tmp_pat
     assert not (cache_dir / IMAGENET_FILE).exists()  # no half-download left to be mistaken for weights later
 
 
+def test_the_download_line_goes_to_stderr_not_stdout(monkeypatch, offline, tmp_path, capsys):
+    use_torch_home(monkeypatch, tmp_path)
+    resolve_weights("resnet50", "auto")
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"Downloading: \"{IMAGENET.url}" in captured.err
+
+
 def test_build_model_auto_offline_records_the_backbone_used(monkeypatch, offline, tmp_path):
     use_torch_home(monkeypatch, tmp_path)
     model, provenance = build_model(2, "resnet50", weights="auto")

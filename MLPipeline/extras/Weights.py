@@ -7,7 +7,9 @@ have a pretrained backbone offline; `--weights auto` falls back to Lite0 when to
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 from pathlib import Path
 
 import torch
@@ -39,8 +41,9 @@ def torchvision_imagenet_weights(arch: str) -> tuple[dict, str]:
     """torchvision's ImageNet weights through its cache ($TORCH_HOME/hub/checkpoints), downloaded when online."""
     imagenet = torchvision.models.get_model_weights(arch).DEFAULT
     file_name = imagenet.url.rsplit("/", 1)[-1]
-    try:
-        state_dict = imagenet.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    try:  # torch.hub prints its "Downloading: ..." line on stdout, which is for what a command gives scripts
+        with contextlib.redirect_stdout(sys.stderr):
+            state_dict = imagenet.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as error:  # no network, a proxy, a corrupt cached file: all the same to the user
         raise WeightsUnavailable(
             f"tried torchvision {imagenet}: {type(error).__name__}: {first_line(error)}. To use them offline, download "
