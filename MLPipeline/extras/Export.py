@@ -150,6 +150,7 @@ class OnnxModel:
     info: dict  # the metadata: the checkpoint's fields other than the weights
     temperature: float = 1.0  # softmax(logits / T) are the calibrated probabilities (see Predict.TrainedModel)
     device: torch.device = torch.device("cpu")
+    bf16: bool = False  # the graph runs as exported: no autocast (see Predict.TrainedModel)
 
     def network(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of N x 3 x S x S inputs in [0, 1] (what the data path gives the PyTorch model): turned back into

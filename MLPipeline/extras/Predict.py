@@ -96,8 +96,7 @@ def file_outputs(model: TrainedModel | OnnxModel, paths: list[str], batch_size: 
     batch by batch, so a folder of any size keeps memory flat."""
     batches = image_batches(paths, model.img_size, batch_size or inference_batch_size(model.device, model.img_size),
                             workers, load_image=loader(max_pixels), pin_memory=model.device.type == "cuda")
-    outputs, _, positions, failed = forward_batches(model.predictor(), batches, model.device,
-                                                    getattr(model, "bf16", False), "predict")
+    outputs, _, positions, failed = forward_batches(model.predictor(), batches, model.device, model.bf16, "predict")
     return outputs, positions, failed
 
 
